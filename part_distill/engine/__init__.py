@@ -1,0 +1,2 @@
+"""part_distill.engine"""
+from .trainer import PartDistillTrainer  # noqa: F401

@@ -1,0 +1,26 @@
+"""``main(args)`` behind tools/train_net.py: build the config, then run the configured stage."""
+import logging
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils import comm
+
+from .setup import setup
+from .trainer import PartDistillTrainer
+
+logger = logging.getLogger("part_distill")
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = PartDistillTrainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = PartDistillTrainer.test(cfg, model)
+        if comm.is_main_process():
+            logger.info("Evaluation results: %s", res)
+        return res
+    trainer = PartDistillTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()

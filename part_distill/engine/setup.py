@@ -1,0 +1,30 @@
+"""Config assembly shared by every entry point (train_net, mine_parts, demo)."""
+from detectron2.config import get_cfg
+from detectron2.engine import default_setup
+
+from ..config import STAGES, add_part_distill_config
+
+
+def build_cfg(config_file="", opts=(), freeze=True):
+    """detectron2 defaults + part_distill defaults, then ``config_file``, then ``KEY VALUE`` opts.
+
+    Unknown keys in the file or in ``opts`` raise detectron2's "Non-existent config key" error.
+    """
+    cfg = get_cfg()
+    add_part_distill_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    stage = cfg.PART_DISTILL.STAGE
+    if stage not in STAGES:
+        raise ValueError(f"PART_DISTILL.STAGE={stage!r} is not one of {STAGES}")
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    """Build the config from parsed ``default_argument_parser`` args and run detectron2's default_setup."""
+    cfg = build_cfg(args.config_file, args.opts)
+    default_setup(cfg, args)
+    return cfg
