@@ -1,0 +1,1 @@
+"""Dataset registrations (DatasetCatalog / MetadataCatalog); importing a module registers its names."""

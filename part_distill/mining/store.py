@@ -1,0 +1,199 @@
+"""The mined-parts store: COCO-format JSON shards with RLE masks, plus a run stamp and a manifest.
+
+Layout of ``MINING.OUTPUT_DIR``::
+
+    run.json                    config subset + inputs + their hash, written before any shard
+    shards/shard_00000.json     images [c*SHARD_SIZE, (c+1)*SHARD_SIZE) of the mined image list
+    manifest.json               run.json + code version + shard list + summed counts (written last)
+
+A shard is a COCO dataset (``pycocotools.coco.COCO`` and detectron2's ``load_coco_json`` read it):
+``images`` (``id`` = position in the mined list + 1, plus ``file_name``, ``height``, ``width``,
+``dataset`` and ``source_image_id``), ``categories`` = one class ``part``, ``annotations`` = the
+parts, each with ``object_id`` and ``object_category_id``. The objects themselves are a separate
+top-level list ``objects`` (ignored by COCO readers): ``id``, ``image_id``, ``category_id`` (the
+object class as its source numbers it), ``source_id``, ``score``, ``segmentation`` (RLE), ``bbox``,
+``area``, ``num_parts`` and ``skip_reason`` (null when mined). ``skipped_images`` lists images that
+could not be mined and why; ``counts`` sums the shard.
+
+Ids depend only on an image's position in the mined list, never on rank or shard size:
+object id = (image index + 1) * OBJECT_STRIDE + object row, part id = object id * PART_STRIDE + cluster.
+
+Shards are numbered globally and rank r mines shards c with c % world_size == r, so the files
+(and the manifest) do not depend on the world size, and a rerun skips every shard already on disk.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+
+from ..utils.io import atomic_write_json
+
+__all__ = [
+    "PartStore",
+    "ConfigMismatchError",
+    "config_hash",
+    "code_version",
+    "OBJECT_STRIDE",
+    "PART_STRIDE",
+    "PART_CATEGORY",
+    "empty_counts",
+    "add_counts",
+]
+
+FORMAT_VERSION = 1
+OBJECT_STRIDE = 4096
+PART_STRIDE = 64
+PART_CATEGORY = {"id": 1, "name": "part", "supercategory": "part"}
+# Compact, key-sorted JSON: identical inputs give identical bytes.
+_JSON = {"sort_keys": True, "separators": (",", ":")}
+
+
+class ConfigMismatchError(RuntimeError):
+    """The output directory holds shards mined with another configuration or inputs."""
+
+
+def config_hash(obj):
+    """Stable short hash of a JSON-serialisable object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def code_version():
+    """``{"part_distill": __version__, "git_sha": sha or None}`` of the running code."""
+    from .. import __version__
+
+    sha = None
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        sha = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"part_distill": __version__, "git_sha": sha}
+
+
+def empty_counts():
+    return {"images": 0, "images_skipped": {}, "instances": 0, "instances_skipped": {}, "parts": 0}
+
+
+def add_counts(total, counts):
+    """Add ``counts`` into ``total`` in place (nested reason dicts are summed per reason)."""
+    for key, v in counts.items():
+        if isinstance(v, dict):
+            d = total.setdefault(key, {})
+            for reason, n in v.items():
+                d[reason] = d.get(reason, 0) + n
+        else:
+            total[key] = total.get(key, 0) + v
+    return total
+
+
+class PartStore:
+    """Reads and writes one store directory (see the module docstring for the layout)."""
+
+    RUN = "run.json"
+    MANIFEST = "manifest.json"
+    SHARDS = "shards"
+
+    def __init__(self, output_dir):
+        if not output_dir:
+            raise ValueError("the part store needs an output directory (MINING.OUTPUT_DIR or OUTPUT_DIR)")
+        self.root = os.path.abspath(output_dir)
+
+    # ------------------------------------------------------------ paths
+    @staticmethod
+    def shard_name(chunk):
+        return f"shard_{chunk:05d}.json"
+
+    def shard_path(self, chunk):
+        return os.path.join(self.root, self.SHARDS, self.shard_name(chunk))
+
+    def has_shard(self, chunk):
+        return os.path.isfile(self.shard_path(chunk))
+
+    def existing_shards(self):
+        d = os.path.join(self.root, self.SHARDS)
+        if not os.path.isdir(d):
+            return []
+        return sorted(f for f in os.listdir(d) if f.startswith("shard_") and f.endswith(".json"))
+
+    # ------------------------------------------------------------ run stamp
+    def read_run(self):
+        try:
+            with open(os.path.join(self.root, self.RUN)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def check_run(self, run_info, overwrite=False):
+        """Raise :class:`ConfigMismatchError` unless shards on disk were mined with ``run_info``.
+
+        Read-only, so every rank can call it before rank 0 changes anything.
+        """
+        if overwrite:
+            return
+        existing = self.read_run()
+        if existing is None:
+            if self.existing_shards():
+                raise ConfigMismatchError(
+                    f"{self.root} holds shards but no {self.RUN}, so their configuration is unknown; "
+                    "use a new MINING.OUTPUT_DIR or pass --overwrite")
+            return
+        if existing.get("config_hash") != run_info["config_hash"]:
+            old, new = existing.get("config", {}), run_info["config"]
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ConfigMismatchError(
+                f"{self.root} holds parts mined with another configuration (hash "
+                f"{existing.get('config_hash')} vs {run_info['config_hash']}; differing: {diff[:10]}). "
+                "Refusing to mix shards: use a new MINING.OUTPUT_DIR or pass --overwrite")
+
+    def start_run(self, run_info, overwrite=False):
+        """Main process only: clear the store if ``overwrite``, then stamp it with ``run_info``."""
+        if overwrite:
+            shutil.rmtree(os.path.join(self.root, self.SHARDS), ignore_errors=True)
+            for name in (self.RUN, self.MANIFEST):
+                if os.path.exists(os.path.join(self.root, name)):
+                    os.unlink(os.path.join(self.root, name))
+        os.makedirs(os.path.join(self.root, self.SHARDS), exist_ok=True)
+        if self.read_run() is None:
+            atomic_write_json(os.path.join(self.root, self.RUN), run_info, indent=1, sort_keys=True)
+
+    # ------------------------------------------------------------ shards
+    def write_shard(self, chunk, shard):
+        atomic_write_json(self.shard_path(chunk), shard, **_JSON)
+
+    def read_shard(self, chunk_or_name):
+        name = chunk_or_name if isinstance(chunk_or_name, str) else self.shard_name(chunk_or_name)
+        with open(os.path.join(self.root, self.SHARDS, name)) as f:
+            return json.load(f)
+
+    def write_manifest(self, run_info, num_chunks):
+        """Sum the counts of all ``num_chunks`` shards into manifest.json (main process, last)."""
+        missing = [c for c in range(num_chunks) if not self.has_shard(c)]
+        if missing:
+            raise RuntimeError(f"cannot write the manifest of {self.root}: shards {missing[:10]} are missing")
+        counts, shards = empty_counts(), []
+        for c in range(num_chunks):
+            shard = self.read_shard(c)
+            if shard["info"]["config_hash"] != run_info["config_hash"]:
+                raise ConfigMismatchError(f"{self.shard_path(c)} was mined with another configuration")
+            add_counts(counts, shard["counts"])
+            shards.append({"file": os.path.join(self.SHARDS, self.shard_name(c)),
+                           "images": len(shard["images"]), "parts": len(shard["annotations"])})
+        manifest = dict(run_info, format_version=FORMAT_VERSION, code_version=code_version(),
+                        shards=shards, counts=counts)
+        atomic_write_json(os.path.join(self.root, self.MANIFEST), manifest, indent=1, sort_keys=True)
+        return manifest
+
+
+def read_manifest(path):
+    """Load a manifest.json; ``path`` may be the file or its store directory."""
+    if os.path.isdir(path):
+        path = os.path.join(path, PartStore.MANIFEST)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no mined-parts manifest at {path}: run tools/mine_parts.py to completion first "
+            "(the manifest is written after the last shard)") from None
