@@ -1,0 +1,8 @@
+"""Backbones; importing this package registers them in detectron2's BACKBONE_REGISTRY."""
+from .efficientnet_lite import (  # noqa: F401
+    EfficientNetLiteBackbone,
+    build_efficientnet_lite_backbone,
+    efficientnet_lite_pretrained_path,
+    load_efficientnet_lite,
+)
+from .resnet_gn import build_resnet_gn_backbone, resnet_norm_for  # noqa: F401
