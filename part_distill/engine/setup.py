@@ -1,4 +1,7 @@
 """Config assembly shared by every entry point (train_net, mine_parts, demo)."""
+import logging
+
+import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 
@@ -15,6 +18,10 @@ def build_cfg(config_file="", opts=(), freeze=True):
     if config_file:
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        # detectron2 defaults to cuda; a laptop without one should still run every command.
+        logging.getLogger(__name__).warning("MODEL.DEVICE=%s but CUDA is unavailable; using cpu", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
     stage = cfg.PART_DISTILL.STAGE
     if stage not in STAGES:
         raise ValueError(f"PART_DISTILL.STAGE={stage!r} is not one of {STAGES}")
