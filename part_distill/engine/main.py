@@ -1,9 +1,11 @@
 """``main(args)`` behind tools/train_net.py: build the config, then run the configured stage."""
 import logging
+import os
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 
+from ..utils.io import atomic_write_json
 from .setup import setup
 from .trainer import PartDistillTrainer
 
@@ -20,6 +22,8 @@ def main(args):
         res = PartDistillTrainer.test(cfg, model)
         if comm.is_main_process():
             logger.info("Evaluation results: %s", res)
+            # The pipeline driver and report read this file; the tables sit beside it.
+            atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), res, indent=1)
         return res
     trainer = PartDistillTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)

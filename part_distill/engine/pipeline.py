@@ -1,0 +1,67 @@
+"""Run the stages of PartDistillation in order, skipping the ones already finished.
+
+Each step is one of the user-facing commands (``tools/train_net.py``, ``tools/mine_parts.py``,
+...) run as a subprocess with the same interpreter, exactly as a user would type it; its log goes
+to ``<output>/logs/<step>.log``. A step is finished when the file it promises exists (a
+``model_final.pth``, a store's ``manifest.json``, an evaluation's ``eval_results.json``); those files
+are written atomically by the commands themselves, so a killed pipeline resumes at the first
+unfinished step, and steps that can resume internally (training, mining) are given ``--resume``.
+"""
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Step", "run_steps", "StepFailed"]
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Step:
+    name: str  # short id, also the log file name
+    argv: List[str]  # script path + arguments, run with the current interpreter
+    done_file: str  # the step is finished when this file exists
+    description: str = ""
+    env: dict = field(default_factory=dict)
+
+
+def run_steps(steps, log_dir, python=sys.executable, cwd=None, echo=print):
+    """Run ``steps`` in order; returns {name: "skipped" | seconds}. Raises StepFailed on error."""
+    os.makedirs(log_dir, exist_ok=True)
+    timings = {}
+    for i, step in enumerate(steps, 1):
+        tag = f"[{i}/{len(steps)}] {step.name}"
+        if os.path.exists(step.done_file):
+            echo(f"{tag}: already done ({step.done_file})")
+            timings[step.name] = "skipped"
+            continue
+        log_path = os.path.join(log_dir, f"{step.name}.log")
+        echo(f"{tag}: {step.description or ' '.join(step.argv)}  (log: {log_path})")
+        start = time.perf_counter()
+        env = dict(os.environ, **step.env)
+        with open(log_path, "a") as log:
+            log.write(f"\n$ {python} {' '.join(step.argv)}\n")
+            log.flush()
+            proc = subprocess.run([python, *step.argv], stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        elapsed = time.perf_counter() - start
+        if proc.returncode != 0 or not os.path.exists(step.done_file):
+            tail = _tail(log_path)
+            raise StepFailed(
+                f"step {step.name} failed (exit {proc.returncode}) after {elapsed:.0f}s; "
+                f"expected {step.done_file}. Last log lines:\n{tail}")
+        timings[step.name] = elapsed
+        echo(f"{tag}: done in {elapsed:.0f}s")
+    return timings
+
+
+def _tail(path, n=25):
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-n:])
