@@ -27,4 +27,7 @@ def main(args):
         return res
     trainer = PartDistillTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    res = trainer.train()
+    if comm.is_main_process() and res:
+        atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), res, indent=1)
+    return res
