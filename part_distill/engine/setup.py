@@ -6,6 +6,8 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 
 from ..config import STAGES, add_part_distill_config
+from ..data.datasets.parts_world import register_parts_world_from_config
+from ..data.few_shot import apply_few_shot_config
 
 
 def build_cfg(config_file="", opts=(), freeze=True):
@@ -22,6 +24,9 @@ def build_cfg(config_file="", opts=(), freeze=True):
         # detectron2 defaults to cuda; a laptop without one should still run every command.
         logging.getLogger(__name__).warning("MODEL.DEVICE=%s but CUDA is unavailable; using cpu", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
+    # Non-default world settings and few-shot subsets take effect through the dataset catalog.
+    register_parts_world_from_config(cfg)
+    apply_few_shot_config(cfg)
     stage = cfg.PART_DISTILL.STAGE
     if stage not in STAGES:
         raise ValueError(f"PART_DISTILL.STAGE={stage!r} is not one of {STAGES}")
