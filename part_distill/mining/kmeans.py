@@ -1,0 +1,635 @@
+"""Batched k-means in torch: many instances at once, CPU or GPU, one metric for fit and assign.
+
+The reference implementation ran scikit-learn ``KMeans`` one instance at a time on the CPU and
+fitted with Euclidean distance but assigned with a dot product. Here every instance of a batch is
+clustered together with batched matmuls (no Python loop over instances or pixels), and the same
+metric is used for k-means++ seeding, Lloyd iterations, the inertia and :func:`assign`.
+
+Algorithm (per instance, identical to scikit-learn's Lloyd when ``metric="l2"``):
+  * k-means++ seeding ("greedy" variant with ``2 + int(log k)`` local trials, like scikit-learn),
+    its random numbers drawn up front from one CPU ``torch.Generator``, so a seed gives the same
+    result for any chunking of the batch (and, up to float rounding, on any device);
+  * Lloyd iterations; an instance stops on strict convergence (labels unchanged) or when the total
+    squared center shift is ``<= tol * mean per-dimension variance`` of its (weighted) points;
+  * an empty cluster is re-seeded at the point farthest from its own center (that point's weight
+    moves out of its old cluster), as scikit-learn does;
+  * a final assignment step so labels, centers and inertia agree.
+
+Metrics: ``"l2"`` (squared Euclidean distance, inertia = sum w * ||x - c||^2) and ``"cosine"``
+(spherical k-means: features and centers are L2-normalised, inertia = sum w * (1 - cos)).
+
+Instances with fewer than ``max(k, min_points)`` valid points of positive weight are not clustered:
+they are flagged in ``KMeansResult.skipped`` (labels -1, centers 0, inertia 0, n_iter 0).
+Non-finite features of valid points raise ``ValueError`` (``nan_policy="raise"``) or flag the
+instance as skipped (``nan_policy="skip"``); padding may hold anything, NaN included.
+
+Cost: features are never copied (float32/float64 input); each Lloyd iteration reads them twice
+(assignment bmm, one-hot center-sum bmm), k-means++ k times. Instances that have converged drop
+out of the batch once that saves work.
+"""
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+
+__all__ = [
+    "KMeansResult",
+    "batched_kmeans",
+    "batched_kmeans_packed",
+    "dataset_kmeans",
+    "assign",
+    "pad_packed",
+    "BatchedKMeans",
+]
+
+METRICS = ("cosine", "l2")
+_EPS = 1e-12
+
+
+class KMeansResult(NamedTuple):
+    """Output of :func:`batched_kmeans`; unpacks as ``labels, centers, inertia, n_iter, skipped``.
+
+    labels:  LongTensor [B, N], cluster id in [0, k) per valid point, -1 for padding / skipped.
+    centers: FloatTensor [B, k, D] (unit norm for cosine), zeros for skipped instances.
+    inertia: FloatTensor [B], weighted sum of point-to-center distances in the fitting metric.
+    n_iter:  LongTensor [B], Lloyd iterations each instance ran (0 when skipped).
+    skipped: BoolTensor [B], instance not clustered (too few points, or non-finite features).
+    """
+
+    labels: torch.Tensor
+    centers: torch.Tensor
+    inertia: torch.Tensor
+    n_iter: torch.Tensor
+    skipped: torch.Tensor
+
+
+def _check_metric(metric):
+    if metric not in METRICS:
+        raise ValueError(f"k-means metric must be one of {METRICS}, got {metric!r}")
+
+
+def _valid_mask(valid, B, N, device):
+    """Accept a [B, N] bool mask, a [B] tensor/list of lengths, or None (all valid)."""
+    if valid is None:
+        return torch.ones(B, N, dtype=torch.bool, device=device)
+    valid = torch.as_tensor(valid, device=device)
+    if valid.dim() == 1:
+        if valid.shape[0] != B:
+            raise ValueError(f"lengths must have shape [B]={B}, got {tuple(valid.shape)}")
+        if (valid < 0).any() or (valid > N).any():
+            raise ValueError(f"lengths must lie in [0, N={N}]")
+        return torch.arange(N, device=device)[None, :] < valid[:, None]
+    if tuple(valid.shape) != (B, N):
+        raise ValueError(f"valid must be a [B, N]=[{B}, {N}] mask or [B] lengths, got {tuple(valid.shape)}")
+    return valid.bool()
+
+
+def _prepare(x, valid, metric, dtype):
+    """Points in the compute dtype plus ``aux``, the per-point quantity the metric needs.
+
+    ``aux`` is the squared norm for "l2" and the inverse norm for "cosine": cosine never builds a
+    normalised copy, the scale is folded into the dot products and the center sums instead. The
+    features are copied only for a dtype change or when padding holds NaN/inf (then zeroed).
+    Returns (x, aux, finite) with finite [b] False where a valid point has a NaN/inf feature
+    (seen through its norm, which is computed anyway).
+    """
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    norms = torch.linalg.vector_norm(x, dim=-1)
+    ok = torch.isfinite(norms)
+    if not bool((ok | valid).all()):
+        x = x.masked_fill(~valid[:, :, None], 0.0)
+        norms = norms.masked_fill(~valid, 0.0)
+    finite = (ok | ~valid).all(1)
+    norms = norms.masked_fill(~valid, 0.0)
+    if metric == "cosine":
+        return x, torch.where(norms > _EPS, 1.0 / norms.clamp_min(_EPS), torch.zeros_like(norms)), finite
+    return x, norms.square_(), finite
+
+
+def _points(x, aux, metric, index):
+    """Gather points x[b, index[b]] in metric space (unit vectors for cosine); index [b] or [b, t]."""
+    ar = torch.arange(x.shape[0], device=x.device)
+    ar = ar[:, None] if index.dim() == 2 else ar
+    p = x[ar, index]
+    return p * aux[ar, index][..., None] if metric == "cosine" else p
+
+
+def _distances(x, aux, c, metric):
+    """[b, n, D] x [b, m, D] -> [b, n, m] distances in ``metric``, matmul based.
+
+    ``x`` may be a low-precision copy (fp16/bf16): the dot products then run in that dtype and
+    everything after them in the dtype of ``aux``.
+    """
+    dots = torch.bmm(x, c.to(x.dtype).transpose(1, 2))
+    if dots.dtype != aux.dtype:
+        dots = dots.to(aux.dtype)
+    if metric == "cosine":
+        dots.mul_(aux[:, :, None])
+        return dots.neg_().add_(1.0).clamp_min_(0.0)
+    dots.mul_(-2.0).add_(aux[:, :, None]).add_((c * c).sum(-1)[:, None, :])
+    return dots.clamp_min_(0.0)
+
+
+def _nearest(x, aux, c, metric, point_chunk):
+    """Index of and distance to the nearest center, chunked over points to bound memory."""
+    b, n, _ = x.shape
+    labels = torch.empty(b, n, dtype=torch.long, device=x.device)
+    mind = torch.empty(b, n, dtype=aux.dtype, device=x.device)
+    for s in range(0, n, point_chunk):
+        e = min(n, s + point_chunk)
+        d = _distances(x[:, s:e], aux[:, s:e], c, metric)
+        mind[:, s:e], labels[:, s:e] = d.min(dim=2)
+    return labels, mind
+
+
+def _cluster_sums(x, w, sw, labels, k, point_chunk):
+    """Per-cluster sums of sw * x [b, k, D] and of w [b, k] via one-hot bmm (w=0 drops a point)."""
+    b, n, d = x.shape
+    sums = x.new_zeros(b, k, d)
+    counts = x.new_zeros(b, k)
+    for s in range(0, n, point_chunk):
+        e = min(n, s + point_chunk)
+        onehot = F.one_hot(labels[:, s:e].clamp_min(0), k).to(x.dtype)
+        sums += torch.bmm((onehot * sw[:, s:e, None]).transpose(1, 2), x[:, s:e])
+        counts += (onehot * w[:, s:e, None]).sum(1)
+    return sums, counts
+
+
+def _sample_by_cdf(p, u, last):
+    """Inverse-CDF sampling: p [b, n] >= 0, u [b, t] in [0, 1) -> indices [b, t] with p > 0.
+
+    Done in float64 so long rows keep exact-enough cumulative sums (scikit-learn's stable_cumsum).
+    """
+    cdf = p.double().cumsum(1)
+    idx = torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True)
+    return torch.minimum(idx, last[:, None])
+
+
+def _kmeans_plusplus(x, xd, aux, w, k, metric, u_first, u_trials, point_chunk):
+    """Batched greedy k-means++ (scikit-learn's variant). u_* are uniforms drawn by the caller.
+
+    Seeds are gathered from ``x``; distances use ``xd`` (``x`` or its low-precision copy).
+    """
+    b, n, _ = x.shape
+    ar = torch.arange(b, device=x.device)
+    pos = w > 0
+    # Last point of positive weight: clamps rounding overshoot of the CDF search onto a real point.
+    last = (n - 1) - pos.flip(1).to(torch.int8).argmax(1)
+    first = _sample_by_cdf(w, u_first[:, None], last)[:, 0]
+    centers = [_points(x, aux, metric, first)]
+    closest = _nearest(xd, aux, centers[0][:, None], metric, point_chunk)[1]
+    pot = (closest * w).sum(1)
+    for c in range(1, k):
+        # Degenerate rows (all remaining mass 0: duplicates) fall back to weight-proportional picks.
+        p = closest * w
+        p = torch.where((pot > 0)[:, None], p, w)
+        cand = _sample_by_cdf(p, u_trials[:, c - 1], last)  # [b, t]
+        cand_x = _points(x, aux, metric, cand)  # [b, t, D]
+        t = cand.shape[1]
+        d_cand = torch.empty(b, t, n, dtype=aux.dtype, device=x.device)
+        for s in range(0, n, point_chunk):
+            e = min(n, s + point_chunk)
+            d = _distances(xd[:, s:e], aux[:, s:e], cand_x, metric)
+            d_cand[:, :, s:e] = torch.minimum(d.transpose(1, 2), closest[:, None, s:e])
+        cand_pot = (d_cand * w[:, None, :]).sum(2)  # [b, t]
+        best = cand_pot.argmin(1)
+        centers.append(cand_x[ar, best])
+        closest = d_cand[ar, best]
+        pot = cand_pot[ar, best]
+    return torch.stack(centers, 1)
+
+
+def _normalize_centers(c, metric):
+    return F.normalize(c, dim=-1, eps=_EPS) if metric == "cosine" else c
+
+
+def _update_centers(x, w, sw, labels, mind, k, metric, point_chunk):
+    """M-step with empty-cluster repair; returns new centers [b, k, D] and the weighted sum [b, D]."""
+    b = x.shape[0]
+    ar = torch.arange(b, device=x.device)
+    sums, counts = _cluster_sums(x, w, sw, labels, k, point_chunk)
+    total = sums.sum(1)
+    empty = counts <= 0
+    if empty.any():
+        # Re-seed the r-th empty cluster of an instance at its r-th farthest point; the point's
+        # weight leaves its old cluster (so sums stay a partition of the data).
+        far = mind.masked_fill(w <= 0, -float("inf")).topk(k, dim=1).indices  # [b, k]
+        rank = empty.long().cumsum(1) - 1
+        for j in range(k):
+            need = empty[:, j]
+            if not need.any():
+                continue
+            p = far[ar, rank[:, j].clamp_min(0)]
+            wp = torch.where(need, w[ar, p], torch.zeros_like(w[:, 0]))
+            wx = torch.where(need, sw[ar, p], torch.zeros_like(w[:, 0]))[:, None] * x[ar, p]
+            old = labels[ar, p].clamp_min(0)
+            sums[ar, old] -= wx
+            counts[ar, old] -= wp
+            sums[:, j] = torch.where(need[:, None], wx, sums[:, j])
+            counts[:, j] = torch.where(need, wp, counts[:, j])
+    if metric == "cosine":
+        # Spherical k-means: the center is the direction of the weighted sum.
+        return F.normalize(sums, dim=-1, eps=_EPS), total
+    return torch.where(counts[:, :, None] > 0, sums / counts.clamp_min(_EPS)[:, :, None], sums), total
+
+
+def _fit(x, aux, w, k, metric, init_centers, u_first, u_trials, max_iter, tol, point_chunk, dist_dtype):
+    """Fit prepared points x [b, n, D] (``aux`` from _prepare, weights w [b, n]; w=0 is not a point)."""
+    b, _, d = x.shape
+    # Optional low-precision copy for the distance matmuls (read ~10x per fit); sums stay exact.
+    xd = x if dist_dtype is None else x.to(dist_dtype)
+    if init_centers is None:
+        centers = _kmeans_plusplus(x, xd, aux, w, k, metric, u_first, u_trials, point_chunk)
+    else:
+        centers = _normalize_centers(init_centers.to(x), metric)
+
+    wsum = w.sum(1)
+    # Mean squared norm of the points (unit vectors for cosine): with the mean from the first
+    # M-step it gives scikit-learn's tolerance, tol x mean per-dimension variance, for free.
+    msq = (w * ((aux > 0).to(w) if metric == "cosine" else aux)).sum(1) / wsum
+    # Center sums use unit vectors for cosine: the inverse norm joins the weight.
+    sw = w * aux if metric == "cosine" else w
+    tol_b = None
+    n_iter = torch.zeros(b, dtype=torch.long, device=x.device)
+    labels_old = torch.full(w.shape, -1, dtype=torch.long, device=x.device)
+    fin_labels = torch.empty_like(labels_old)
+    fin_mind = torch.empty_like(w)
+    fin_ok = torch.zeros(b, dtype=torch.bool, device=x.device)
+    rows = torch.arange(b, device=x.device)  # instances still held in xa (iterating or not)
+    live = torch.ones(b, dtype=torch.bool, device=x.device)  # of those, still iterating
+    xa, xda, auxa, wa, swa = x, xd, aux, w, sw
+    for _ in range(max_iter):
+        cur = centers[rows]
+        labels, mind = _nearest(xda, auxa, cur, metric, point_chunk)
+        new, total = _update_centers(xa, wa, swa, labels, mind, k, metric, point_chunk)
+        if tol_b is None:
+            mean = total / wsum[:, None]
+            tol_b = ((msq - (mean * mean).sum(1)) / d).clamp_min(0) * tol
+        n_iter[rows] += live.long()
+        shift = ((new - cur) ** 2).sum((1, 2))
+        centers[rows] = torch.where(live[:, None, None], new, cur)
+        same = ((labels == labels_old[rows]) | (wa <= 0)).all(1)
+        labels_old[rows] = torch.where(live[:, None], labels, labels_old[rows])
+        # Strictly converged rows already hold labels/distances that match their final centers.
+        strict = live & same
+        if strict.any():
+            r = rows[strict]
+            fin_labels[r], fin_mind[r], fin_ok[r] = labels[strict], mind[strict], True
+        live &= ~(same | (shift <= tol_b[rows]))
+        n_live = int(live.sum())
+        if n_live == 0:
+            break
+        # Drop finished instances once copying the rest costs less than two more passes over them.
+        if 2 * (live.numel() - n_live) >= n_live:
+            rows, xa, wa, swa, auxa = rows[live], xa[live], wa[live], swa[live], auxa[live]
+            xda = xa if dist_dtype is None else xda[live]
+            live = torch.ones(n_live, dtype=torch.bool, device=x.device)
+    # Final E-step (as scikit-learn) for the rows that stopped on tolerance or max_iter.
+    rest = (~fin_ok).nonzero().flatten()
+    if rest.numel() == b:
+        fin_labels, fin_mind = _nearest(xd, aux, centers, metric, point_chunk)
+    elif rest.numel() > 0:
+        fin_labels[rest], fin_mind[rest] = _nearest(
+            xd[rest], aux[rest], centers[rest], metric, point_chunk
+        )
+    inertia = (fin_mind * w).sum(1)
+    return fin_labels, centers, inertia, n_iter
+
+
+def _signed64(v):
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed64(v) for v in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _counter_uniforms(seeds, count):
+    """[B] int64 seeds -> [B, count] float64 uniforms in [0, 1), row b a function of seeds[b] only.
+
+    SplitMix64 on int64 tensors (multiplications wrap; right shifts are masked to be logical), so
+    an instance's k-means++ draws do not depend on which batch or rank it is clustered in.
+    """
+    def lshr(z, n):
+        return (z >> n) & ((1 << (64 - n)) - 1)
+
+    z = seeds[:, None] + torch.arange(1, count + 1, dtype=torch.long)[None] * _GOLDEN
+    z = (z ^ lshr(z, 30)) * _MIX1
+    z = (z ^ lshr(z, 27)) * _MIX2
+    z = z ^ lshr(z, 31)
+    return lshr(z, 11).double() / float(1 << 53)
+
+
+def _resolve_dist_dtype(distance_dtype):
+    """None (= feature dtype) or a torch dtype, from a dtype or a name ("", "float16", "bfloat16")."""
+    if distance_dtype is None or distance_dtype in ("", "none", "float32"):
+        return None
+    if isinstance(distance_dtype, str):
+        if distance_dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"distance_dtype must be '', 'float16' or 'bfloat16', got {distance_dtype!r}")
+        distance_dtype = getattr(torch, distance_dtype)
+    return distance_dtype
+
+
+def _auto_chunk(n, d, k, t, elem, max_chunk_bytes):
+    """Instances per chunk so a (possible) gathered copy plus distance temporaries fit the budget."""
+    per_instance = n * d * elem + n * max(k, t) * 3 * elem + n * (k + 4) * 8
+    return max(1, int(max_chunk_bytes // max(per_instance, 1)))
+
+
+def batched_kmeans(
+    features,
+    valid=None,
+    k=4,
+    metric="cosine",
+    max_iter=100,
+    tol=1e-4,
+    seed=0,
+    generator=None,
+    init="k-means++",
+    weights=None,
+    min_points=None,
+    instance_seeds=None,
+    nan_policy="raise",
+    chunk_size=None,
+    max_chunk_bytes=None,
+    point_chunk=None,
+    distance_dtype=None,
+):
+    """Cluster each of B instances into k clusters, all instances at once.
+
+    Args:
+        features: [B, N, D] float tensor (padded), on any device; results come back on it.
+        valid: [B, N] bool mask of real points, or [B] lengths (first L_b rows valid), or None.
+        k: number of clusters.
+        metric: "cosine" (spherical k-means) or "l2" (squared Euclidean).
+        max_iter, tol: Lloyd iteration cap; tolerance on the total squared center shift,
+            relative to the mean per-dimension variance of each instance (scikit-learn's rule).
+        seed / generator: k-means++ randomness; a CPU ``torch.Generator`` overrides ``seed``.
+            The same seed gives the same result on any device and for any chunking.
+        instance_seeds: optional [B] int64 seeds, one per instance, overriding seed/generator:
+            an instance's result then depends only on its own seed and points, not on the batch
+            it is clustered in (use stable ids, e.g. annotation ids, for sharded mining).
+        init: "k-means++" or initial centers [B, k, D].
+        weights: optional [B, N] non-negative sample weights (weighted k-means).
+        min_points: instances with fewer valid points (of positive weight) than
+            ``max(k, min_points)`` are skipped.
+        nan_policy: "raise" (ValueError naming the instances) or "skip" (flag them as skipped).
+        chunk_size: instances per chunk; default derived from ``max_chunk_bytes`` (default: 1 GiB
+            on CPU, a quarter of the free memory on CUDA).
+        point_chunk: points per distance block (bounds the [b, n, k] temporaries for huge N).
+        distance_dtype: torch.float16 / torch.bfloat16 (or their names) to run the distance
+            matmuls on a low-precision copy of the features, halving the bytes most passes read;
+            center sums stay exact, distances (so near-tie labels and the inertia) carry the
+            low precision. Meant for GPUs (slow on CPU).
+
+    Returns:
+        :class:`KMeansResult` (labels, centers, inertia, n_iter, skipped).
+    """
+    _check_metric(metric)
+    if features.dim() != 3:
+        raise ValueError(f"features must be [B, N, D], got shape {tuple(features.shape)}")
+    if nan_policy not in ("raise", "skip"):
+        raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    B, N, D = features.shape
+    device = features.device
+    dtype = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
+    valid = _valid_mask(valid, B, N, device)
+    if weights is None:
+        w_all = valid.to(dtype)
+    else:
+        weights = torch.as_tensor(weights, device=device)
+        if tuple(weights.shape) != (B, N):
+            raise ValueError(f"weights must be [B, N]=[{B}, {N}], got {tuple(weights.shape)}")
+        bad = valid & ~(torch.isfinite(weights) & (weights >= 0))
+        if bad.any():
+            raise ValueError("k-means weights must be finite and >= 0")
+        w_all = torch.where(valid, weights.to(dtype), torch.zeros((), dtype=dtype, device=device))
+
+    given = None
+    if isinstance(init, str):
+        if init != "k-means++":
+            raise ValueError(f"init must be 'k-means++' or centers [B, k, D], got {init!r}")
+    else:
+        given = torch.as_tensor(init, device=device)
+        if tuple(given.shape) != (B, k, D):
+            raise ValueError(f"init centers must be [B, k, D]=[{B}, {k}, {D}], got {tuple(given.shape)}")
+        if not torch.isfinite(given).all():
+            raise ValueError("init centers contain NaN or inf")
+
+    # All randomness is drawn up front on the CPU: device- and chunking-independent results.
+    t = 2 + int(math.log(k)) if k > 1 else 1
+    n_u = 1 + max(k - 1, 0) * t
+    if instance_seeds is not None:
+        instance_seeds = torch.as_tensor(instance_seeds, dtype=torch.long).flatten()
+        if instance_seeds.numel() != B:
+            raise ValueError(f"instance_seeds must hold B={B} seeds, got {instance_seeds.numel()}")
+        u = _counter_uniforms(instance_seeds, n_u)
+    else:
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(seed))
+        u = torch.rand(B, n_u, generator=generator, dtype=torch.float64)
+    u = u.to(device)
+    u_first, u_trials = u[:, 0], u[:, 1:].reshape(B, max(k - 1, 0), t)
+
+    n_points = (w_all > 0).sum(1)
+    skipped = n_points < max(k, int(min_points or 0))
+
+    labels = torch.full((B, N), -1, dtype=torch.long, device=device)
+    centers = torch.zeros(B, k, D, dtype=dtype, device=device)
+    inertia = torch.zeros(B, dtype=dtype, device=device)
+    n_iter = torch.zeros(B, dtype=torch.long, device=device)
+    dist_dtype = _resolve_dist_dtype(distance_dtype)
+    if max_chunk_bytes is None:
+        # Features are used in place; the budget only bounds gathers and temporaries.
+        max_chunk_bytes = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 1 << 30
+    if chunk_size is None:
+        chunk_size = _auto_chunk(N, D, k, t, torch.finfo(dtype).bits // 8, max_chunk_bytes)
+    point_chunk = int(point_chunk or max(N, 1))
+
+    for s in range(0, B, chunk_size):
+        # Contiguous chunks are views; only chunks holding skipped instances need a gather.
+        idx = torch.arange(s, min(B, s + chunk_size), device=device)
+        take = ~skipped[idx]
+        if not take.any():
+            continue
+        feats = features[s : s + chunk_size]
+        if not take.all():
+            idx, feats = idx[take], feats[take]
+        x, aux, finite = _prepare(feats, valid[idx], metric, dtype)
+        w = w_all[idx]
+        if not finite.all():
+            bad = idx[~finite]
+            if nan_policy == "raise":
+                raise ValueError(
+                    f"k-means features of instances {bad[:10].tolist()} contain NaN or inf "
+                    f"({bad.numel()} instances in this chunk); clean them or pass nan_policy='skip'"
+                )
+            skipped[bad] = True
+            idx, x, w, aux = idx[finite], x[finite], w[finite], aux[finite]
+            if idx.numel() == 0:
+                continue
+        lab, cen, ine, nit = _fit(
+            x, aux, w, k, metric, None if given is None else given[idx], u_first[idx], u_trials[idx],
+            max_iter, tol, point_chunk, dist_dtype,
+        )
+        labels[idx] = torch.where(valid[idx], lab, torch.full_like(lab, -1))
+        centers[idx], inertia[idx], n_iter[idx] = cen, ine, nit
+    return KMeansResult(labels, centers, inertia, n_iter, skipped)
+
+
+def pad_packed(tensors, weights=None):
+    """List of [n_i, D] tensors -> padded [B, N_max, D], valid [B, N_max] (and padded weights)."""
+    if len(tensors) == 0:
+        raise ValueError("pad_packed needs at least one tensor")
+    lengths = torch.tensor([t.shape[0] for t in tensors], device=tensors[0].device)
+    feats = torch.nn.utils.rnn.pad_sequence(list(tensors), batch_first=True)
+    valid = torch.arange(feats.shape[1], device=feats.device)[None] < lengths[:, None]
+    if weights is None:
+        return feats, valid, None
+    return feats, valid, torch.nn.utils.rnn.pad_sequence(list(weights), batch_first=True)
+
+
+def batched_kmeans_packed(tensors, k=4, weights=None, **kwargs):
+    """Convenience wrapper: a list of [n_i, D] tensors in, per-instance [n_i] labels out.
+
+    Returns ``(labels_list, result)`` where ``result`` is the padded :class:`KMeansResult`.
+    """
+    feats, valid, w = pad_packed(tensors, weights)
+    res = batched_kmeans(feats, valid, k=k, weights=w, **kwargs)
+    return [res.labels[i, : t.shape[0]] for i, t in enumerate(tensors)], res
+
+
+def dataset_kmeans(features, k=4, weights=None, point_chunk=1 << 16, **kwargs):
+    """One k-means over all points [N, D] (dataset-level clustering, the one-stage baseline).
+
+    Implemented as ``batched_kmeans`` with B=1; distances are computed ``point_chunk`` points at
+    a time, so memory beyond the features themselves (never copied for float32/float64 input;
+    cosine folds the inverse norms into the products) is O(N * (t + 2)) for k-means++ plus
+    O(point_chunk * k) per block. ``init`` may be "k-means++" or centers [k, D].
+    Returns labels [N], centers [k, D], inertia (0-d), n_iter (0-d), skipped (0-d bool).
+    """
+    if features.dim() != 2:
+        raise ValueError(f"dataset_kmeans expects features [N, D], got {tuple(features.shape)}")
+    init = kwargs.pop("init", "k-means++")
+    if not isinstance(init, str):
+        init = torch.as_tensor(init)[None]
+    res = batched_kmeans(
+        features[None], None, k=k, weights=None if weights is None else weights[None],
+        init=init, point_chunk=point_chunk, chunk_size=1, **kwargs,
+    )
+    return KMeansResult(*(v[0] for v in res))
+
+
+def assign(features, centers, metric="cosine", valid=None, skipped=None, point_chunk=1 << 16):
+    """Label each point with its nearest center in ``metric`` (use the metric you fitted with).
+
+    Typical use: fit at feature resolution, then assign the features upsampled to full mask
+    resolution. ``features`` [B, M, D] with ``centers`` [B, k, D], or [M, D] with [k, D].
+    ``valid`` ([B, M] mask or [B] lengths) and ``skipped`` ([B]) give label -1.
+    """
+    _check_metric(metric)
+    single = features.dim() == 2
+    if single:
+        features, centers = features[None], centers[None]
+        valid = None if valid is None else torch.as_tensor(valid)[None]
+    if features.dim() != 3 or centers.dim() != 3 or features.shape[0] != centers.shape[0]:
+        raise ValueError(
+            f"assign expects features [B, M, D] and centers [B, k, D], got "
+            f"{tuple(features.shape)} and {tuple(centers.shape)}"
+        )
+    B, M, _ = features.shape
+    dtype = centers.dtype if centers.dtype in (torch.float32, torch.float64) else torch.float32
+    mask = _valid_mask(valid, B, M, features.device)
+    c = _normalize_centers(centers.to(features.device, dtype), metric)
+    x, aux, finite = _prepare(features, mask, metric, dtype)
+    if not finite.all():
+        raise ValueError("assign: features of valid points contain NaN or inf")
+    labels = _nearest(x, aux, c, metric, point_chunk)[0]
+    if skipped is not None:
+        mask = mask & ~torch.as_tensor(skipped, device=features.device)[:, None]
+    labels = torch.where(mask, labels, torch.full_like(labels, -1))
+    return labels[0] if single else labels
+
+
+class BatchedKMeans:
+    """Configurable front end of :func:`batched_kmeans` (reads ``cfg.MINING.*``).
+
+    ``BatchedKMeans(cfg)`` or ``BatchedKMeans(num_clusters=4, metric="cosine", ...)``;
+    ``fit(features, valid, weights=None, init=None)`` -> :class:`KMeansResult`,
+    ``assign(features_full_res, centers, valid=None, skipped=None)`` -> labels.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        num_clusters=4,
+        metric="cosine",
+        max_iter=100,
+        tol=1e-4,
+        seed=0,
+        min_points=0,
+        nan_policy="raise",
+        max_chunk_bytes=0,
+        point_chunk=1 << 16,
+        distance_dtype="",
+    ):
+        _check_metric(metric)
+        self.num_clusters = num_clusters
+        self.metric = metric
+        self.max_iter = max_iter
+        self.tol = tol
+        self.seed = seed
+        self.min_points = min_points
+        self.nan_policy = nan_policy
+        self.max_chunk_bytes = max_chunk_bytes
+        self.point_chunk = point_chunk
+        self.distance_dtype = distance_dtype
+
+    @classmethod
+    def from_config(cls, cfg):
+        m = cfg.MINING
+        return {
+            "num_clusters": m.NUM_CLUSTERS,
+            "metric": m.METRIC,
+            "max_iter": m.MAX_ITER,
+            "tol": m.TOL,
+            "seed": m.SEED,
+            "min_points": m.MIN_PIXELS,
+            "nan_policy": m.NAN_POLICY,
+            "max_chunk_bytes": m.CHUNK_BYTES,
+            "point_chunk": m.POINT_CHUNK,
+            "distance_dtype": m.DISTANCE_DTYPE,
+        }
+
+    def _kwargs(self):
+        return dict(
+            k=self.num_clusters, metric=self.metric, max_iter=self.max_iter, tol=self.tol,
+            seed=self.seed, min_points=self.min_points, nan_policy=self.nan_policy,
+            distance_dtype=self.distance_dtype,
+        )
+
+    def fit(self, features, valid=None, weights=None, init=None, generator=None, instance_seeds=None):
+        """Instance-level clustering of [B, N, D] features (see :func:`batched_kmeans`)."""
+        return batched_kmeans(
+            features, valid, weights=weights, init="k-means++" if init is None else init,
+            generator=generator, instance_seeds=instance_seeds,
+            max_chunk_bytes=self.max_chunk_bytes or None, **self._kwargs(),
+        )
+
+    def fit_dataset(self, features, weights=None, init=None, generator=None):
+        """Dataset-level clustering of [N, D] features pooled over images (see :func:`dataset_kmeans`)."""
+        return dataset_kmeans(
+            features, weights=weights, init="k-means++" if init is None else init,
+            generator=generator, point_chunk=self.point_chunk, **self._kwargs(),
+        )
+
+    def assign(self, features, centers, valid=None, skipped=None):
+        """Nearest-center labels in the fitting metric (e.g. at full mask resolution)."""
+        return assign(features, centers, self.metric, valid=valid, skipped=skipped,
+                      point_chunk=self.point_chunk)
