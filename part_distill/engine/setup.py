@@ -24,8 +24,7 @@ def build_cfg(config_file="", opts=(), freeze=True):
         # detectron2 defaults to cuda; a laptop without one should still run every command.
         logging.getLogger(__name__).warning("MODEL.DEVICE=%s but CUDA is unavailable; using cpu", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
-    # Non-default world settings and few-shot subsets take effect through the dataset catalog.
-    register_parts_world_from_config(cfg)
+    # Few-shot subsets take effect by renaming DATASETS.TRAIN to registered subsets.
     apply_few_shot_config(cfg)
     stage = cfg.PART_DISTILL.STAGE
     if stage not in STAGES:
@@ -38,5 +37,7 @@ def build_cfg(config_file="", opts=(), freeze=True):
 def setup(args):
     """Build the config from parsed ``default_argument_parser`` args and run detectron2's default_setup."""
     cfg = build_cfg(args.config_file, args.opts)
+    # Command-line runs honour PARTS_WORLD.* (library users register their own world instead).
+    register_parts_world_from_config(cfg)
     default_setup(cfg, args)
     return cfg
