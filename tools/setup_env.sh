@@ -5,6 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
+# Debian's chromium + chromedriver drive the rating app's browser test; install them where we can.
+if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing Debian chromium + chromium-driver (browser tests)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+      || echo "[setup] WARNING: could not install chromium; browser tests will be skipped"
+  else
+    echo "[setup] chromium/chromedriver absent and not installable here (need root + apt); browser tests will be skipped"
+  fi
+fi
 stamp_key=$(cat requirements.txt setup.py tools/setup_env.sh | sha1sum | cut -c1-16)
 stamp="$VENV/.part_distill-installed-$stamp_key"
 if [ -f "$stamp" ]; then

@@ -2,11 +2,12 @@
 import logging
 import os
 
-from detectron2.checkpoint import DetectionCheckpointer
+from ..modeling.checkpoint import PartDistillCheckpointer
 from detectron2.utils import comm
 
 from ..utils.io import atomic_write_json
 from .setup import setup
+from .stages import STAGE_RUNNERS, run_stage
 from .trainer import PartDistillTrainer
 
 logger = logging.getLogger("part_distill")
@@ -16,7 +17,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = PartDistillTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        PartDistillCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = PartDistillTrainer.test(cfg, model)
@@ -25,6 +26,9 @@ def main(args):
             # The pipeline driver and report read this file; the tables sit beside it.
             atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), res, indent=1)
         return res
+    if cfg.PART_DISTILL.STAGE in STAGE_RUNNERS:
+        # The PartDistillation stages resume by default: their rounds and label shards skip finished work.
+        return run_stage(cfg, resume=args.resume or cfg.PART_DISTILL.STAGE != "proposal")
     trainer = PartDistillTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     res = trainer.train()

@@ -78,7 +78,7 @@ class BackboneFeatures(_Extractor):
 
     @classmethod
     def from_config(cls, cfg, kind="res3_res4"):
-        from detectron2.checkpoint import DetectionCheckpointer
+        from ..modeling.checkpoint import PartDistillCheckpointer
         from detectron2.layers import ShapeSpec
         from detectron2.modeling import build_backbone
 
@@ -90,7 +90,7 @@ class BackboneFeatures(_Extractor):
             # A full-model checkpoint names the backbone's weights "backbone.*".
             holder = torch.nn.Module()
             holder.backbone = backbone
-            DetectionCheckpointer(holder).load(cfg.MODEL.WEIGHTS)
+            PartDistillCheckpointer(holder).load(cfg.MODEL.WEIGHTS)
         shapes = backbone.output_shape()
         if kind == "single":
             levels = levels[:1]
@@ -131,11 +131,11 @@ class MaskFeatures(_Extractor):
 
     @classmethod
     def from_config(cls, cfg):
-        from detectron2.checkpoint import DetectionCheckpointer
+        from ..modeling.checkpoint import PartDistillCheckpointer
         from detectron2.modeling import build_model
 
         model = build_model(cfg.clone()).eval()
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        PartDistillCheckpointer(model).load(cfg.MODEL.WEIGHTS)
         if not hasattr(model, "backbone") or not hasattr(getattr(model, "sem_seg_head", None), "pixel_decoder"):
             raise ValueError(f"MINING.FEATURES 'mask_features' needs a model with .backbone and "
                              f".sem_seg_head.pixel_decoder; {cfg.MODEL.META_ARCHITECTURE} has none")

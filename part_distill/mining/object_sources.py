@@ -120,11 +120,11 @@ class _ModelPredictor:
 
     def __init__(self, cfg):
         import torch
-        from detectron2.checkpoint import DetectionCheckpointer
+        from ..modeling.checkpoint import PartDistillCheckpointer
         from detectron2.modeling import build_model
 
         self.model = build_model(cfg.clone()).eval()
-        DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        PartDistillCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
         self.input_format = cfg.INPUT.FORMAT
         self._torch = torch
 

@@ -1,0 +1,117 @@
+"""Loading Mask2Former checkpoints (``model_final_*.pkl`` / ``.pth``) into part_distill models.
+
+Our modules already use Mask2Former's names for the ResNet backbone, ``sem_seg_head.pixel_decoder``,
+``sem_seg_head.predictor`` and ``criterion``; what differs is the Swin backbone, built from timm:
+
+* patch merging sits at the start of the next stage: official ``layers.{i}.downsample.*`` is our
+  ``layers.{i+1}.downsample.*``;
+* ``attn.relative_position_index`` (and ``attn_mask`` in some Swin releases) are derived buffers,
+  not saved by timm: they are checked against the model's window size, then dropped.
+
+``PartDistillCheckpointer`` applies these renames before detectron2's loading (its shape check
+would otherwise discard the shifted patch-merging weights), for detectron2 model-zoo pickles
+(``{"model": ..., "__author__": ...}``), plain ``torch.save`` state dicts and the name-matched
+ImageNet Swin pickles (``matching_heuristics``) alike. It keeps the last load's
+missing/unexpected/incorrect-shape keys in ``last_incompatible``.
+"""
+import logging
+import re
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from fvcore.common.checkpoint import _IncompatibleKeys
+from timm.models.swin_transformer import get_relative_position_index
+
+from .backbone.swin import D2SwinTransformer
+
+__all__ = ["PartDistillCheckpointer", "convert_mask2former_state_dict", "convert_swin_state_dict",
+           "swin_prefixes"]
+
+logger = logging.getLogger(__name__)
+
+_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.(.+)$")
+_DERIVED_BUFFER = re.compile(r"^layers\.\d+\.blocks\.\d+\.(attn\.relative_position_index|attn_mask)$")
+
+
+def swin_prefixes(model: torch.nn.Module) -> List[str]:
+    """State-dict prefixes (e.g. ``"backbone."``) of every D2SwinTransformer inside ``model``."""
+    return [f"{name}." if name else "" for name, m in model.named_modules() if isinstance(m, D2SwinTransformer)]
+
+
+def _check_relative_position_index(key: str, value: torch.Tensor, model_state: Dict[str, torch.Tensor],
+                                   bias_key: str) -> None:
+    """An official index must equal the one our window size implies, or the bias table is misread."""
+    table = model_state.get(bias_key)
+    if table is None:
+        return
+    window = int(round((value.shape[0]) ** 0.5))
+    expected_table_rows = (2 * window - 1) ** 2
+    if window * window != value.shape[0] or table.shape[0] != expected_table_rows:
+        raise ValueError(f"checkpoint {key} has shape {tuple(value.shape)}, which does not fit the model's "
+                         f"window size (bias table {tuple(table.shape)}); check MODEL.SWIN.WINDOW_SIZE")
+    if not torch.equal(torch.as_tensor(value).long(), get_relative_position_index(window, window)):
+        raise ValueError(f"checkpoint {key} is not the standard Swin relative position index")
+
+
+def convert_swin_state_dict(state_dict: Dict[str, torch.Tensor], prefix: str = "",
+                            model_state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """Rename the Swin keys under ``prefix`` from Mask2Former's layout to ours; other keys pass through.
+
+    A state dict already in our layout (no patch merging in stage 0) is returned unchanged, so
+    our own checkpoints and official ones go through the same loader.
+    """
+    if f"{prefix}layers.0.downsample.reduction.weight" not in state_dict:
+        return dict(state_dict)
+    converted = {}
+    dropped = 0
+    for key, value in state_dict.items():
+        if not key.startswith(prefix):
+            converted[key] = value
+            continue
+        rel = key[len(prefix):]
+        if _DERIVED_BUFFER.match(rel):
+            if rel.endswith("relative_position_index") and model_state is not None:
+                bias_key = key.replace("relative_position_index", "relative_position_bias_table")
+                _check_relative_position_index(key, value, model_state, bias_key)
+            dropped += 1
+            continue
+        m = _DOWNSAMPLE.match(rel)
+        if m:
+            rel = f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"
+        converted[prefix + rel] = value
+    logger.info(f"Converted Mask2Former Swin keys under '{prefix}' to the timm layout "
+                f"({dropped} derived buffers dropped)")
+    return converted
+
+
+def convert_mask2former_state_dict(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module,
+                                   extra_prefixes: Iterable[str] = ()) -> Dict[str, torch.Tensor]:
+    """Official Mask2Former state dict -> the names of ``model`` (all renames this module knows)."""
+    model_state = model.state_dict()
+    out = dict(state_dict)
+    # Mask2Former's own legacy rename (decoder checkpoints of version < 2).
+    for key in [k for k in out if ".static_query." in k]:
+        out[key.replace(".static_query.", ".query_feat.")] = out.pop(key)
+    for prefix in list(swin_prefixes(model)) + list(extra_prefixes):
+        out = convert_swin_state_dict(out, prefix, model_state)
+    return out
+
+
+class PartDistillCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that also loads Mask2Former's official checkpoints (R50 and Swin).
+
+    ``MODEL.WEIGHTS`` may be a detectron2 model-zoo ``.pkl``, a ``.pth`` saved by Mask2Former or by
+    us, or an ImageNet Swin ``.pkl`` converted for detectron2 (keys without ``backbone.``).
+    """
+
+    last_incompatible: Optional[_IncompatibleKeys] = None
+
+    def _load_model(self, checkpoint) -> _IncompatibleKeys:
+        self._convert_ndarray_to_tensor(checkpoint["model"])
+        # Name-matched checkpoints hold keys relative to the backbone ("layers.0...").
+        extra = [""] if checkpoint.get("matching_heuristics", False) else []
+        checkpoint["model"] = convert_mask2former_state_dict(checkpoint["model"], self.model, extra)
+        incompatible = super()._load_model(checkpoint)
+        self.last_incompatible = incompatible
+        return incompatible
