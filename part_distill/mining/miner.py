@@ -18,6 +18,19 @@ Per batch of ``MINING.BATCH_SIZE`` images:
      of ``kmeans.assign`` on the upsampled features. Hence the parts of an object partition it;
   6. optional dense-CRF refinement, then RLE encoding.
 
+Dataset-level clustering (``MINING.LEVEL "dataset"``, the one-stage baseline of Table 6): one
+k-means per object class over the feature points of all its objects in the mined datasets, then
+every object's pixels are assigned to the nearest of its class's k centers (step 5 above), so a
+cluster id means the same part across the instances of a class. :func:`mine_parts` runs two passes:
+  a. collect: each rank extracts the weighted points (steps 1-3) of the images of its own shards
+     (all of them, done or not: the centers depend on the whole dataset), the ranks all-gather them
+     and order them by (image index, object), so every rank holds the 1-process point list;
+  b. fit: per class, a seeded subsample of at most ``MINING.DATASET_MAX_POINTS`` points (the same on
+     every rank) goes into ``BatchedKMeans.fit_dataset``; every rank fits the same centers;
+  c. assign: the ordinary sharded, resumable mining loop, with the class centers instead of a
+     per-object k-means. Objects of a class with fewer than k points in total are ``too_few_pixels``.
+Pass (a) reads every image twice per run; that is the price of a dataset-wide fit without a cache.
+
 Determinism: the k-means seed of a batch is derived from ``MINING.SEED`` and the position of its
 first image in the mined list; batches never cross shard boundaries. So the output depends only on
 the config (SEED, SHARD_SIZE, BATCH_SIZE are hashed), not on the rank, world size or on resumes.
@@ -51,9 +64,16 @@ logger = logging.getLogger(__name__)
 # Test hook: called with the number of shards this process has written after each one.
 _after_shard_hook = None
 
+LEVELS = ("instance", "dataset")
+
 
 def _batch_seed(seed, first_index):
     return int(np.random.SeedSequence([int(seed), int(first_index)]).generate_state(1)[0])
+
+
+def _class_seed(seed, category_id, purpose):
+    """Seed of a dataset-level fit (purpose 0: subsample, 1: k-means++), apart from the batch seeds."""
+    return int(np.random.SeedSequence([int(seed), 1 << 30, int(category_id), int(purpose)]).generate_state(1)[0])
 
 
 def _resized_hw(h, w, long_side):
@@ -66,7 +86,13 @@ class PartMiner:
 
     @configurable
     def __init__(self, *, object_source, feature_extractor, kmeans, image_size=640, crf=None,
-                 device="cpu"):
+                 device="cpu", level="instance", dataset_max_points=0):
+        if level not in LEVELS:
+            raise ValueError(f"MINING.LEVEL must be one of {LEVELS}, got {level!r}")
+        self.level = level
+        self.dataset_max_points = dataset_max_points
+        # LEVEL "dataset": class id -> centers [k, D] (None: too few points), set by fit_classes.
+        self.class_centers = None
         self.object_source = object_source
         self.features = feature_extractor
         self.kmeans = kmeans
@@ -77,12 +103,12 @@ class PartMiner:
 
     @classmethod
     def from_config(cls, cfg):
-        if cfg.MINING.LEVEL != "instance":
-            raise NotImplementedError(f"the store miner clusters per instance; MINING.LEVEL={cfg.MINING.LEVEL!r} "
-                                      "(dataset-level, a baseline) is only available as BatchedKMeans.fit_dataset")
+        if cfg.MINING.LEVEL not in LEVELS:
+            raise ValueError(f"MINING.LEVEL must be one of {LEVELS}, got {cfg.MINING.LEVEL!r}")
         return {"object_source": build_object_source(cfg), "feature_extractor": build_feature_extractor(cfg),
                 "kmeans": BatchedKMeans(cfg), "image_size": cfg.MINING.IMAGE_SIZE,
-                "crf": _build_crf(cfg), "device": cfg.MODEL.DEVICE}
+                "crf": _build_crf(cfg), "device": cfg.MODEL.DEVICE, "level": cfg.MINING.LEVEL,
+                "dataset_max_points": cfg.MINING.DATASET_MAX_POINTS}
 
     # ------------------------------------------------------------ steps
     def _tick(self, name, start):
@@ -142,13 +168,8 @@ class PartMiner:
         return sampled[0, :, 0].argmax(0).cpu().numpy(), ys, xs
 
     # ------------------------------------------------------------ batch
-    def mine_batch(self, items, seed):
-        """Mine ``items`` = [(index, dataset_dict), ...] with k-means seed ``seed``.
-
-        Returns one record per item: ``{"index", "dataset_dict", "skip_reason", "objects"}`` where
-        objects are ``(MinedObject, part_masks or None, skip_reason)`` and part_masks is a list of
-        ``(cluster_id, HxW bool)``.
-        """
+    def _read_and_extract(self, items):
+        """Records of ``items`` with their objects, and feature grids / resized sizes of the readable ones."""
         t = time.perf_counter()
         records, ok = [], []
         for index, dd in items:
@@ -162,10 +183,13 @@ class PartMiner:
             ok.append(rec)
         t = self._tick("read+objects", t)
         if not ok:
-            return records
+            return records, ok, [], []
         grids, sizes = self._extract([r["image"] for r in ok])
-        t = self._tick("features", t)
+        self._tick("features", t)
+        return records, ok, grids, sizes
 
+    def _object_points(self, ok, grids, sizes):
+        """Weighted k-means points of every object with finite features (others get "nan_features")."""
         points, weights, owners = [], [], []
         for rec, grid, size in zip(ok, grids, sizes):
             if not rec["objects"]:
@@ -181,7 +205,63 @@ class PartMiner:
                 points.append(f)
                 weights.append(c[sel])
                 owners.append((rec, grid, size, j))
-        if points:
+        return points, weights, owners
+
+    def collect_batch(self, items):
+        """Dataset-level pass (a): ``[(index, object position, category_id, points [n, D], weights [n])]``."""
+        records, ok, grids, sizes = self._read_and_extract(items)
+        points, weights, owners = self._object_points(ok, grids, sizes)
+        return [(rec["index"], j, rec["objects"][j][0].category_id, p.cpu(), w.cpu())
+                for (rec, _, _, j), p, w in zip(owners, points, weights)]
+
+    def fit_classes(self, collected, seed):
+        """Dataset-level pass (b): per-class centers from :meth:`collect_batch` outputs (any order).
+
+        Points enter in (image index, object) order, so the result does not depend on how the
+        collection was split over batches or ranks. Sets and returns ``self.class_centers``.
+        """
+        by_class = defaultdict(list)
+        for index, j, cat, p, w in sorted(collected, key=lambda r: (r[0], r[1])):
+            by_class[cat].append((p, w))
+        centers = {}
+        for cat in sorted(by_class):
+            x = torch.cat([p for p, _ in by_class[cat]]).to(self.device)
+            w = torch.cat([w for _, w in by_class[cat]]).to(self.device)
+            if self.dataset_max_points and x.shape[0] > self.dataset_max_points:
+                g = torch.Generator().manual_seed(_class_seed(seed, cat, 0))
+                keep = torch.randperm(x.shape[0], generator=g)[: self.dataset_max_points].sort().values
+                x, w = x[keep.to(x.device)], w[keep.to(w.device)]
+            res = self.kmeans.fit_dataset(x, weights=w,
+                                          generator=torch.Generator().manual_seed(_class_seed(seed, cat, 1)))
+            centers[cat] = None if bool(res.skipped) else res.centers
+        self.class_centers = centers
+        return centers
+
+    def mine_batch(self, items, seed):
+        """Mine ``items`` = [(index, dataset_dict), ...] with k-means seed ``seed``.
+
+        Returns one record per item: ``{"index", "dataset_dict", "skip_reason", "objects"}`` where
+        objects are ``(MinedObject, part_masks or None, skip_reason)`` and part_masks is a list of
+        ``(cluster_id, HxW bool)``. With ``level == "dataset"`` the objects are assigned to the
+        centers of :meth:`fit_classes` (``seed`` is unused).
+        """
+        records, ok, grids, sizes = self._read_and_extract(items)
+        if not ok:
+            return records
+        t = time.perf_counter()
+        points, weights, owners = self._object_points(ok, grids, sizes)
+        if points and self.level == "dataset":
+            if self.class_centers is None:
+                raise RuntimeError("MINING.LEVEL 'dataset': call fit_classes() (mine_parts does) before mine_batch()")
+            for rec, grid, size, j in owners:
+                obj = rec["objects"][j]
+                centers = self.class_centers.get(obj[0].category_id)
+                if centers is None:
+                    obj[2] = "too_few_pixels"
+                    continue
+                obj[1] = self._assign_full(grid, centers, obj[0].mask, size)
+            t = self._tick("assign", t)
+        elif points:
             feats, valid, w = pad_packed(points, weights)
             res = self.kmeans.fit(feats, valid, weights=w, generator=torch.Generator().manual_seed(seed))
             t = self._tick("kmeans", t)
@@ -341,6 +421,12 @@ def mine_parts(cfg, overwrite=False, miner=None):
     size, bsize = cfg.MINING.SHARD_SIZE, cfg.MINING.BATCH_SIZE
     num_chunks = int(math.ceil(len(dicts) / size))
     todo = [c for c in range(rank, num_chunks, world) if not store.has_shard(c)]
+    if cfg.MINING.LEVEL == "dataset":
+        # Every rank decides alike (same files, checked after the barrier) whether to collect.
+        if not all(store.has_shard(c) for c in range(num_chunks)):
+            miner = miner or PartMiner(cfg)
+            _fit_dataset_level(miner, dicts, range(rank, num_chunks, world), size, bsize, cfg.MINING.SEED)
+        comm.synchronize()
     if todo:
         miner = miner or PartMiner(cfg)
         logger.info("Rank %d/%d mining %d of %d shards into %s", rank, world, len(todo), num_chunks, store.root)
@@ -370,6 +456,23 @@ def mine_parts(cfg, overwrite=False, miner=None):
         logger.info("Mined parts in %s: %s", store.root, manifest["counts"])
     comm.synchronize()
     return manifest
+
+
+def _fit_dataset_level(miner, dicts, chunks, size, bsize, seed):
+    """Passes (a) and (b) of dataset-level mining: collect this rank's points, all-gather, fit."""
+    collected = []
+    for c in chunks:
+        items = list(enumerate(dicts[c * size:(c + 1) * size], c * size))
+        for b in range(0, len(items), bsize):
+            collected += miner.collect_batch(items[b:b + bsize])
+    if comm.get_world_size() > 1:
+        collected = [r for part in comm.all_gather(collected) for r in part]
+    t = time.perf_counter()
+    centers = miner.fit_classes(collected, seed)
+    miner.timers["dataset_kmeans"] += time.perf_counter() - t
+    logger.info("Dataset-level k-means: %d classes fitted from %d objects", sum(v is not None for v in centers.values()),
+                len(collected))
+    return centers
 
 
 def mining_main(args):

@@ -1,0 +1,234 @@
+"""Self-training rounds (Sec 3 / 4.2) and the final distillation rounds (Sec 4.3), resumable.
+
+Round r of a stage lives in ``OUTPUT_DIR/round_{r}``:
+
+    labels/            the teacher's filtered predictions, a PartStore (shards + manifest.json)
+    model_*.pth        the student's checkpoints (detectron2 PeriodicCheckpointer, last_checkpoint)
+    model_final.pth    the student after ITERS_PER_ROUND iterations
+    model_ema.pth      its EMA weights (TEACHER "ema"), the next round's teacher
+    round.json         written last: teacher, label counts, checkpoint, next teacher, config hash
+
+A round with round.json is finished and skipped. Otherwise the labels are (re)made shard by shard
+(finished shards are kept) and the student resumes from the round's last checkpoint, or starts
+from the teacher's weights. The teacher of round 0 is MODEL.WEIGHTS; the teacher of round r > 0 is
+round r-1's final student ("snapshot") or its EMA ("ema"), as ``round.json`` names it.
+"""
+import json
+import logging
+import os
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+
+from ..data.pseudo_labels import PseudoLabelFilters, load_pseudo_labels
+from ..mining.store import code_version, config_hash, read_manifest
+from ..utils.io import atomic_open, atomic_write_json
+from .part_labels import (PartLabelFilters, build_label_mapper, dataset_inputs, file_sha256, label_run_info,
+                          unwrap, write_part_label_store)
+from .trainer import PartDistillTrainer
+
+__all__ = ["ModelEMA", "EMAHook", "run_rounds", "round_dir", "with_overrides", "PART_LABEL_KEY",
+           "load_labelled_parts", "register_labelled_parts"]
+
+logger = logging.getLogger(__name__)
+
+TEACHERS = ("snapshot", "ema")
+ROUND_MANIFEST = "round.json"
+# Annotation field of a label store that holds the stage-4 cluster-slot label (INPUT.PART_CLASS_KEY).
+PART_LABEL_KEY = "part_label"
+# Test hook: extra hooks (list of HookBase factories taking the round index) added to each student.
+_extra_hooks = []
+
+
+def with_overrides(cfg, **overrides):
+    """A frozen copy of ``cfg`` with dotted ``KEY=value`` overrides (``"A.B": v``)."""
+    out = cfg.clone()
+    out.defrost()
+    for key, value in overrides.items():
+        node = out
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    out.freeze()
+    return out
+
+
+def round_dir(cfg, r):
+    return os.path.join(cfg.OUTPUT_DIR, f"round_{r}")
+
+
+# ---------------------------------------------------------------- EMA teacher
+class ModelEMA:
+    """Exponential moving average of a model's floating-point state (parameters and buffers)."""
+
+    def __init__(self, model, decay):
+        self.decay = float(decay)
+        self.state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model):
+        for k, v in unwrap(model).state_dict().items():
+            if v.dtype.is_floating_point:
+                self.state[k].mul_(self.decay).add_(v.detach(), alpha=1.0 - self.decay)
+            else:
+                self.state[k].copy_(v)
+
+    def state_dict(self):
+        return {"decay": self.decay, "state": self.state}
+
+    def load_state_dict(self, state):
+        self.decay = state["decay"]
+        self.state = {k: v.clone() for k, v in state["state"].items()}
+
+
+class EMAHook(HookBase):
+    """Updates the EMA after every step; the trainer's checkpointer saves it, so resumes keep it."""
+
+    def __init__(self, ema):
+        self.ema = ema
+
+    def after_step(self):
+        self.ema.update(self.trainer.model)
+
+
+# ---------------------------------------------------------------- labels as a training set
+def load_labelled_parts(manifest_path, filters):
+    """The pseudo-label dicts of a label store with each part's ``part_label`` (stage 4) kept.
+
+    ``load_pseudo_labels`` applies the area filters and keeps part ids; the label field is joined
+    back by part id from the shards.
+    """
+    dicts = load_pseudo_labels(manifest_path, filters)
+    manifest = read_manifest(manifest_path)
+    root = manifest_path if os.path.isdir(manifest_path) else os.path.dirname(manifest_path)
+    labels = {}
+    for entry in manifest["shards"]:
+        with open(os.path.join(root, entry["file"])) as f:
+            for a in json.load(f)["annotations"]:
+                if PART_LABEL_KEY in a:
+                    labels[a["id"]] = a[PART_LABEL_KEY]
+    if labels:
+        for d in dicts:
+            for a in d["annotations"]:
+                a[PART_LABEL_KEY] = labels[a["id"]]
+    return dicts
+
+
+def register_labelled_parts(name, manifest_path, filters):
+    from detectron2.data import MetadataCatalog
+
+    path = os.path.abspath(manifest_path)
+    DatasetCatalog.pop(name, None)
+    MetadataCatalog.pop(name, None)
+    DatasetCatalog.register(name, lambda: load_labelled_parts(path, filters))
+    MetadataCatalog.get(name).set(thing_classes=["part"], pseudo_label_manifest=path)
+    return name
+
+
+# ---------------------------------------------------------------- rounds
+def build_teacher(cfg, weights):
+    model = PartDistillTrainer.build_model(cfg)
+    DetectionCheckpointer(model).load(weights)
+    model.eval()
+    return model
+
+
+def _label_round(cfg, teacher_cfg, teacher_weights, labels_dir, stage, r, labeler_factory):
+    s = cfg.PART_DISTILL.SELF_TRAIN
+    dicts, summary = dataset_inputs(s.DATASETS)
+    filters = PartLabelFilters.from_config(cfg)
+    config = {"stage": stage, "round": r, "teacher_sha256": file_sha256(teacher_weights),
+              "filters": filters.as_dict(), "objects": s.OBJECTS, "object_score_thresh": s.OBJECT_SCORE_THRESH,
+              "shard_size": s.SHARD_SIZE, "test_size": [teacher_cfg.INPUT.MIN_SIZE_TEST, teacher_cfg.INPUT.MAX_SIZE_TEST]}
+    teacher = build_teacher(teacher_cfg, teacher_weights)
+    labeler = labeler_factory(teacher, r) if labeler_factory is not None else None
+    if labeler is not None:
+        config["labeler"] = getattr(labeler, "description", type(labeler).__name__)
+    run_info = label_run_info(config, summary)
+    write_part_label_store(teacher, dicts, labels_dir, run_info, filters=filters, objects=s.OBJECTS,
+                           object_score_thresh=s.OBJECT_SCORE_THRESH, mapper=build_label_mapper(teacher_cfg),
+                           shard_size=s.SHARD_SIZE, batch_size=s.BATCH_SIZE, labeler=labeler)
+    del teacher
+
+
+def _train_student(cfg, rdir, dataset, init_weights, r):
+    s = cfg.PART_DISTILL.SELF_TRAIN
+    student_cfg = with_overrides(cfg, **{"OUTPUT_DIR": rdir, "DATASETS.TRAIN": (dataset,),
+                                         "SOLVER.MAX_ITER": s.ITERS_PER_ROUND, "MODEL.WEIGHTS": init_weights})
+    trainer = PartDistillTrainer(student_cfg)
+    ema = None
+    if s.TEACHER == "ema":
+        ema = ModelEMA(trainer.model, s.EMA_DECAY)
+        trainer.register_hooks([EMAHook(ema)])
+        trainer.checkpointer.add_checkpointable("ema", ema)
+    trainer.register_hooks([f(r) for f in _extra_hooks])
+    # Resume within the round; a fresh round starts from the teacher's weights (resume_or_load
+    # loads MODEL.WEIGHTS when the round has no checkpoint yet), and the EMA starts from them too.
+    has_ckpt = trainer.checkpointer.has_checkpoint()
+    trainer.resume_or_load(resume=True)
+    if ema is not None and not has_ckpt:
+        ema.state = {k: v.detach().clone() for k, v in unwrap(trainer.model).state_dict().items()}
+    if trainer.start_iter < trainer.max_iter:
+        trainer.train()
+    final = os.path.join(rdir, "model_final.pth")
+    next_teacher = final
+    if ema is not None:
+        next_teacher = os.path.join(rdir, "model_ema.pth")
+        if comm.is_main_process():
+            with atomic_open(next_teacher, "wb") as f:
+                torch.save({"model": ema.state}, f)
+    comm.synchronize()
+    # Iterations done: after train() ``iter`` is max_iter; a skipped train leaves start_iter = max_iter.
+    return final, next_teacher, max(trainer.iter, trainer.start_iter), getattr(trainer, "_last_eval_results", None)
+
+
+def run_rounds(cfg, *, stage, num_rounds, teacher_cfg_of_round=None, labeler_factory=None):
+    """Run (or resume) ``num_rounds`` rounds of ``stage``; returns the last round's manifest.
+
+    ``teacher_cfg_of_round(r)`` gives the config the teacher is built with (default ``cfg``);
+    ``labeler_factory(teacher, r)`` the stage-4 labeler (None: single-class "part" labels).
+    """
+    s = cfg.PART_DISTILL.SELF_TRAIN
+    if s.TEACHER not in TEACHERS:
+        raise ValueError(f"PART_DISTILL.SELF_TRAIN.TEACHER must be one of {TEACHERS}, got {s.TEACHER!r}")
+    if num_rounds < 1:
+        raise ValueError(f"{stage}: the number of rounds must be >= 1, got {num_rounds}")
+    if not cfg.MODEL.WEIGHTS:
+        raise ValueError(f"stage {stage!r} needs MODEL.WEIGHTS: the teacher of round 0")
+    teacher = cfg.MODEL.WEIGHTS
+    info = None
+    for r in range(num_rounds):
+        rdir = round_dir(cfg, r)
+        done = os.path.join(rdir, ROUND_MANIFEST)
+        if os.path.isfile(done):
+            with open(done) as f:
+                info = json.load(f)
+            logger.info("%s round %d already finished (%s), skipped", stage, r, done)
+            teacher = info["next_teacher"]
+            continue
+        teacher_cfg = teacher_cfg_of_round(r) if teacher_cfg_of_round else cfg
+        labels_dir = os.path.join(rdir, "labels")
+        if not os.path.isfile(os.path.join(labels_dir, "manifest.json")):
+            _label_round(cfg, teacher_cfg, teacher, labels_dir, stage, r, labeler_factory)
+        comm.synchronize()
+        labels_manifest = read_manifest(labels_dir)
+        dataset = register_labelled_parts(
+            f"{stage}_round{r}_labels_{config_hash([os.path.abspath(labels_dir), labels_manifest['config_hash']])}",
+            labels_dir,
+            PseudoLabelFilters.from_config(cfg))
+        # The student starts from the teacher, except in stage 4 round 0 where the class head changes.
+        final, next_teacher, iterations, results = _train_student(cfg, rdir, dataset, teacher, r)
+        info = {"stage": stage, "round": r, "teacher": teacher, "teacher_kind": s.TEACHER if r else "init",
+                "labels": {"manifest": os.path.join(labels_dir, "manifest.json"),
+                           "config_hash": labels_manifest["config_hash"], "counts": labels_manifest["counts"]},
+                "checkpoint": final, "iterations": iterations, "eval": results or {}, "next_teacher": next_teacher,
+                "config_hash": config_hash(cfg.dump()), "code_version": code_version()}
+        if comm.is_main_process():
+            atomic_write_json(done, info, indent=1, sort_keys=True)
+        comm.synchronize()
+        teacher = next_teacher
+    return info
