@@ -1,8 +1,6 @@
 """Class-specific part ranking: prototypes recover known clusters; Eq. 2 exactly; ranks agree."""
-import os
 
 import numpy as np
-import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
@@ -131,7 +129,7 @@ def test_candidates_match_brute_force():
     obj[2:11, 1:9] = True
     ids, won, ratio = select_part_candidates(probs, scores, obj, 0.3, 0.05)
     area = obj.sum().item()
-    expected_ids, expected_won = [], {}
+    expected_ids = []
     wins = np.zeros(Q)
     owner = np.full((H, W), -1)
     for y in range(H):

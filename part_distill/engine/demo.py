@@ -11,6 +11,7 @@ from .pipeline import Step
 
 CFG = "configs/parts_world"
 VAL_PARTS = "parts_world_val_parts"
+SELF_TRAIN_ROUNDS = 2
 
 
 def _launch_args(num_gpus):
@@ -28,7 +29,8 @@ def build_demo_steps(out, num_gpus=0):
         Step("instance_teacher",
              ["tools/train_net.py", "--config-file", f"{CFG}/instance_teacher.yaml", "--resume", *launch,
               "OUTPUT_DIR", j("instance_teacher")],
-             teacher, "train the instance teacher on instance labels (CPU, minutes)"),
+             j("instance_teacher", "eval_results.json"),
+             "train the instance teacher on instance labels (CPU, minutes)"),
     ]
     for split in ("train", "val"):
         steps.append(Step(
@@ -37,17 +39,44 @@ def build_demo_steps(out, num_gpus=0):
              "MINING.DATASETS", f"('parts_world_{split}',)", "MINING.OUTPUT_DIR", j(f"mined_{split}"),
              "OUTPUT_DIR", j(f"mined_{split}")],
             j(f"mined_{split}", "manifest.json"), f"mine k=4 parts per GT object of parts_world_{split}"))
+    stage_opts = {
+        "proposal": ["MODEL.WEIGHTS", teacher,
+                     "PART_DISTILL.PSEUDO_LABELS.MANIFEST", j("mined_train", "manifest.json")],
+        "self_train": ["MODEL.WEIGHTS", j("proposal", "model_final.pth")],
+        "ranking": ["MODEL.WEIGHTS", j("self_train", f"round_{SELF_TRAIN_ROUNDS - 1}", "model_final.pth")],
+        "distill": ["MODEL.WEIGHTS", j("ranking", "model_final.pth")],
+    }
+    stage_text = {
+        "proposal": "stage 2: train the class-agnostic part decoder on the mined parts",
+        "self_train": f"stage 2b: {SELF_TRAIN_ROUNDS} self-training rounds (teacher = last student)",
+        "ranking": "stage 3: per-class k-means prototypes over part query features (Eq. 2)",
+        "distill": "stage 4: final self-training with cluster ids as labels",
+    }
+    for stage, opts in stage_opts.items():
+        steps.append(Step(
+            stage,
+            ["tools/train_net.py", "--config-file", f"{CFG}/{stage}.yaml", *launch, *opts,
+             "PART_DISTILL.SELF_TRAIN.ROUNDS", str(SELF_TRAIN_ROUNDS), "OUTPUT_DIR", j(stage)],
+            j(stage, "eval_results.json"), stage_text[stage]))
     steps.append(Step(
         "eval_mined",
         ["tools/evaluate_parts.py", "--store", j("mined_val"), "--dataset", VAL_PARTS,
          "--output", j("eval", "mined")],
         j("eval", "mined", "eval_results.json"), "evaluate mined parts only (no learning)"))
-    return steps
+    order = ["parts_world", "instance_teacher", "mine_train", "mine_val", "eval_mined",
+             "proposal", "self_train", "ranking", "distill"]
+    return sorted(steps, key=lambda s: order.index(s.name))
 
 
 # rows of the results table: (label, eval_results.json relative to the demo output)
 RESULT_ROWS = [
-    ("mined parts only", "eval/mined/eval_results.json"),
+    ("mined parts only (no learning)", "eval/mined/eval_results.json"),
+    ("part proposal learning (stage 2)", "proposal/eval_results.json"),
+] + [
+    (f"self-training round {r + 1}", f"self_train/round_{r}/round.json") for r in range(SELF_TRAIN_ROUNDS)
+] + [
+    ("class-specific ranking (stage 3)", "ranking/eval_results.json"),
+    ("final distillation (stage 4)", "distill/eval_results.json"),
 ]
 
 
@@ -64,6 +93,8 @@ def collect_results(out):
             continue
         with open(path) as f:
             res = json.load(f)
+        if path.endswith("round.json"):  # a self-training round keeps its evaluation inside
+            res = res.get("eval") or {}
         flat = {}
         for task in res.values():
             flat.update(task)

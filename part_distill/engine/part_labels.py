@@ -15,7 +15,6 @@ c % world_size == r, so the files do not depend on the world size and a rerun sk
 """
 import logging
 import math
-import os
 
 import torch
 from detectron2.utils import comm
@@ -23,7 +22,7 @@ from detectron2.utils import comm
 from ..data.mappers import InstanceLSJMapper
 from ..mining.miner import records_to_shard
 from ..mining.object_sources import MinedObject
-from ..mining.store import OBJECT_STRIDE, PART_STRIDE, PartStore, config_hash
+from ..mining.store import OBJECT_STRIDE, PART_STRIDE, PartStore, config_hash, finish_store
 from ..modeling.meta_arch.postprocess import mask_quality, masks_to_output
 from ..modeling.part_candidates import select_part_candidates
 from ..utils.masks import decode_rle
@@ -202,13 +201,7 @@ def write_part_label_store(model, dataset_dicts, store_dir, run_info, *, filters
         if _after_shard_hook is not None:
             _after_shard_hook(n_done)
     model.train(was_training)
-    comm.synchronize()
-    manifest = None
-    if comm.is_main_process():
-        manifest = store.write_manifest(run_info, num_chunks)
-        logger.info("Part labels in %s: %s", store.root, manifest["counts"])
-    comm.synchronize()
-    return manifest
+    return finish_store(store, run_info, num_chunks, "Part labels")
 
 
 def build_label_mapper(cfg):

@@ -209,5 +209,5 @@ def format_table(result):
         for c in cols:
             cell = result["pascal"].get(c)
             row += ["", "n/a" if cell is None else f"{cell[1]:.1f}"]
-        lines.append(f"| Pascal-Part samples (2 images, default setting) | " + " | ".join(row) + " |")
+        lines.append("| Pascal-Part samples (2 images, default setting) | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

@@ -54,7 +54,8 @@ from ..utils.masks import encode_rle, mask_to_bbox_xywh
 from .features import build_feature_extractor
 from .kmeans import BatchedKMeans, pad_packed
 from .object_sources import build_object_source
-from .store import OBJECT_STRIDE, PART_CATEGORY, PART_STRIDE, PartStore, add_counts, config_hash, empty_counts
+from .store import (OBJECT_STRIDE, PART_CATEGORY, PART_STRIDE, PartStore, config_hash, empty_counts,
+                    finish_store)
 
 
 __all__ = ["PartMiner", "mine_parts", "mining_main", "mining_run_info", "load_mining_inputs", "resolve_output_dir"]
@@ -449,13 +450,7 @@ def mine_parts(cfg, overwrite=False, miner=None):
         bar.close()
         if miner.crf is not None:
             miner.crf.close()
-    comm.synchronize()
-    manifest = None
-    if comm.is_main_process():
-        manifest = store.write_manifest(run_info, num_chunks)
-        logger.info("Mined parts in %s: %s", store.root, manifest["counts"])
-    comm.synchronize()
-    return manifest
+    return finish_store(store, run_info, num_chunks, "Mined parts")
 
 
 def _fit_dataset_level(miner, dicts, chunks, size, bsize, seed):

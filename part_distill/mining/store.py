@@ -23,6 +23,7 @@ Shards are numbered globally and rank r mines shards c with c % world_size == r,
 """
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -47,6 +48,8 @@ PART_STRIDE = 64
 PART_CATEGORY = {"id": 1, "name": "part", "supercategory": "part"}
 # Compact, key-sorted JSON: identical inputs give identical bytes.
 _JSON = {"sort_keys": True, "separators": (",", ":")}
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigMismatchError(RuntimeError):
@@ -184,6 +187,22 @@ class PartStore:
                         shards=shards, counts=counts)
         atomic_write_json(os.path.join(self.root, self.MANIFEST), manifest, indent=1, sort_keys=True)
         return manifest
+
+
+def finish_store(store, run_info, num_chunks, what="Part store"):
+    """Collective end of a sharded store write: barrier, rank 0 writes the manifest, barrier.
+
+    Returns the manifest on rank 0 and None elsewhere.
+    """
+    from detectron2.utils import comm
+
+    comm.synchronize()
+    manifest = None
+    if comm.is_main_process():
+        manifest = store.write_manifest(run_info, num_chunks)
+        logger.info("%s in %s: %s", what, store.root, manifest["counts"])
+    comm.synchronize()
+    return manifest
 
 
 def read_manifest(path):

@@ -76,7 +76,7 @@ def instance_inference(class_logits, mask_logits, *, top_k, score_thresh=0.0):
         Instances with pred_masks Bool[M, H, W], pred_classes, scores (class prob x mask quality),
         pred_boxes, sorted by score.
     """
-    num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
+    num_classes = class_logits.shape[1] - 1
     probs = class_logits.float().softmax(-1)[:, :-1]
     k = min(top_k, probs.numel())
     cls_scores, flat = probs.flatten().topk(k)

@@ -4,7 +4,7 @@ from typing import Dict
 from detectron2.layers import ShapeSpec
 from detectron2.utils.registry import Registry
 
-__all__ = ["PIXEL_DECODER_REGISTRY", "build_pixel_decoder"]
+__all__ = ["PIXEL_DECODER_REGISTRY", "build_pixel_decoder", "common_pixel_decoder_args"]
 
 PIXEL_DECODER_REGISTRY = Registry("PIXEL_DECODER")
 PIXEL_DECODER_REGISTRY.__doc__ = """
@@ -20,3 +20,17 @@ def build_pixel_decoder(cfg, input_shape: Dict[str, ShapeSpec]):
     if not callable(getattr(model, "forward_features", None)):
         raise ValueError(f"Pixel decoder {name} has no forward_features(features) method")
     return model
+
+
+def common_pixel_decoder_args(cfg, input_shape: Dict[str, ShapeSpec]):
+    """The ``from_config`` arguments every pixel decoder shares (inputs, widths, norm)."""
+    h = cfg.MODEL.SEM_SEG_HEAD
+    missing = [f for f in h.IN_FEATURES if f not in input_shape]
+    if missing:
+        raise ValueError(f"MODEL.SEM_SEG_HEAD.IN_FEATURES {missing} not produced by the backbone ({sorted(input_shape)})")
+    return {
+        "input_shape": {k: v for k, v in input_shape.items() if k in h.IN_FEATURES},
+        "conv_dim": h.CONVS_DIM,
+        "mask_dim": h.MASK_DIM,
+        "norm": h.NORM,
+    }

@@ -12,7 +12,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from torch import nn
 from torch.nn import functional as F
 
-from .build import PIXEL_DECODER_REGISTRY
+from .build import PIXEL_DECODER_REGISTRY, common_pixel_decoder_args
 from .msdeform_pixel_decoder import NUM_MULTI_SCALE
 
 __all__ = ["FPNPixelDecoder"]
@@ -58,16 +58,7 @@ class FPNPixelDecoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        h = cfg.MODEL.SEM_SEG_HEAD
-        missing = [f for f in h.IN_FEATURES if f not in input_shape]
-        if missing:
-            raise ValueError(f"MODEL.SEM_SEG_HEAD.IN_FEATURES {missing} not produced by the backbone ({sorted(input_shape)})")
-        return {
-            "input_shape": {k: v for k, v in input_shape.items() if k in h.IN_FEATURES},
-            "conv_dim": h.CONVS_DIM,
-            "mask_dim": h.MASK_DIM,
-            "norm": h.NORM,
-        }
+        return common_pixel_decoder_args(cfg, input_shape)
 
     def forward_features(self, features: Dict[str, torch.Tensor]):
         """Same outputs as ``MSDeformAttnPixelDecoder.forward_features``; the "encoder" feature

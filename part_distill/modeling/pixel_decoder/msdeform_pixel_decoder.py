@@ -14,7 +14,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from torch import nn
 from torch.nn import functional as F
 
-from .build import PIXEL_DECODER_REGISTRY
+from .build import PIXEL_DECODER_REGISTRY, common_pixel_decoder_args
 from .encoder import DeformableTransformerEncoderOnly
 from .position_encoding import PositionEmbeddingSine
 
@@ -116,14 +116,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         h = cfg.MODEL.SEM_SEG_HEAD
-        missing = [f for f in h.IN_FEATURES if f not in input_shape]
-        if missing:
-            raise ValueError(f"MODEL.SEM_SEG_HEAD.IN_FEATURES {missing} not produced by the backbone ({sorted(input_shape)})")
         return {
-            "input_shape": {k: v for k, v in input_shape.items() if k in h.IN_FEATURES},
-            "conv_dim": h.CONVS_DIM,
-            "mask_dim": h.MASK_DIM,
-            "norm": h.NORM,
+            **common_pixel_decoder_args(cfg, input_shape),
             "transformer_in_features": list(h.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES),
             "transformer_enc_layers": h.TRANSFORMER_ENC_LAYERS,
             "transformer_nheads": h.TRANSFORMER_ENC_NHEADS,
