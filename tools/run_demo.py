@@ -32,7 +32,8 @@ def main():
     except StepFailed as e:
         print(e, file=sys.stderr)
         sys.exit(1)
-    print(write_demo_report(args.output, timings))
+    print(write_demo_report(args.output, timings, readme="README.md"))
+    print(f"Report: {os.path.join(args.output, 'report.html')}")
 
 
 if __name__ == "__main__":

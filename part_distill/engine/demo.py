@@ -63,8 +63,16 @@ def build_demo_steps(out, num_gpus=0):
         ["tools/evaluate_parts.py", "--store", j("mined_val"), "--dataset", VAL_PARTS,
          "--output", j("eval", "mined")],
         j("eval", "mined", "eval_results.json"), "evaluate mined parts only (no learning)"))
+    world = os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "parts_world")
+    val_images = [os.path.join(world, "images", "val", f"{i:06d}.png") for i in range(4)]
+    steps.append(Step(
+        "overlays",
+        ["tools/demo.py", "--config-file", f"{CFG}/distill.yaml", "--input", *val_images,
+         "--output", j("overlays"), "--objects", "gt", "--dataset", VAL_PARTS.replace("_parts", ""),
+         "--confidence-threshold", "0.3", "MODEL.WEIGHTS", j("distill", "model_final.pth")],
+        j("overlays", "predictions.json"), "part overlays of the final model on 4 val images"))
     order = ["parts_world", "instance_teacher", "mine_train", "mine_val", "eval_mined",
-             "proposal", "self_train", "ranking", "distill"]
+             "proposal", "self_train", "ranking", "distill", "overlays"]
     return sorted(steps, key=lambda s: order.index(s.name))
 
 
@@ -112,7 +120,98 @@ def results_markdown(rows):
     return "\n".join(lines)
 
 
-def write_demo_report(out, timings=None):
+AR_KS = (1, 10, 50, 100, 200)
+
+
+def _plot_ar(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=100)
+    for label, m in rows:
+        ys = [m.get(f"AR@{k}-gtobj_union") for k in AR_KS]
+        if all(y is not None for y in ys):
+            ax.plot(AR_KS, ys, marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("k (proposals per image)")
+    ax.set_ylabel("AR@k, GT objects (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def _plot_class_miou(label, m, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_class = {k[len("mIoU-"):]: v for k, v in m.items() if k.startswith("mIoU-")}
+    if not per_class:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 3.0), dpi=100)
+    ax.bar(list(per_class), list(per_class.values()))
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(f"per-class mIoU: {label}", fontsize=9)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return True
+
+
+def _write_html(out, text_md, rows):
+    """report.html: the tables, AR-vs-k, per-class mIoU, contact sheet and overlays."""
+    import html
+
+    _plot_ar(rows, os.path.join(out, "ar_vs_k.png"))
+    figs = ["contact_sheet.png", "ar_vs_k.png"]
+    if rows and _plot_class_miou(rows[-1][0], rows[-1][1], os.path.join(out, "class_miou.png")):
+        figs.append("class_miou.png")
+    overlay_dir = os.path.join(out, "overlays")
+    if os.path.isdir(overlay_dir):
+        figs += [os.path.join("overlays", f) for f in sorted(os.listdir(overlay_dir)) if f.endswith(".png")]
+    body = ["<html><head><meta charset='utf-8'><title>part_distill demo</title>",
+            "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%;margin:8px 0}</style></head><body>"]
+    for line in text_md.splitlines():
+        if line.startswith("|") and "---" not in line:
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1><table>")
+        elif line.strip() and "---" not in line:
+            body.append(f"</table><p>{html.escape(line)}</p><table>")
+    body.append("</table>")
+    body += [f"<div><img src='{html.escape(f)}'></div>" for f in figs
+             if os.path.exists(os.path.join(out, f))]
+    body.append("</body></html>")
+    with atomic_open(os.path.join(out, "report.html")) as f:
+        f.write("\n".join(body))
+
+
+def update_readme(readme, text):
+    """Replace the README block between the demo-results markers with ``text`` (if the markers exist)."""
+    start, end = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
+    if not os.path.exists(readme):
+        return False
+    with open(readme) as f:
+        content = f.read()
+    if start not in content or end not in content:
+        return False
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    with atomic_open(readme) as f:
+        f.write(f"{head}{start}\n{text}\n{end}{tail}")
+    return True
+
+
+def write_demo_report(out, timings=None, readme=None):
     """Write <out>/results.md (metrics of every finished stage on parts_world_val_parts); return it."""
     teacher = os.path.join(out, "instance_teacher", "eval_results.json")
     text = ["# part_distill demo results (parts_world_val_parts)", ""]
@@ -128,4 +227,8 @@ def write_demo_report(out, timings=None):
     text = "\n".join(text)
     with atomic_open(os.path.join(out, "results.md")) as f:
         f.write(text)
+    _write_html(out, text, collect_results(out))
+    if readme:
+        update_readme(readme, text.replace("# part_distill demo results", "Demo results").replace(
+            "\n\n", "\n\n", 1))
     return text

@@ -1,0 +1,69 @@
+"""The stage driver skips finished steps and stops on failure; the demo report reads every stage."""
+import json
+import os
+import sys
+
+import pytest
+
+from part_distill.engine.demo import build_demo_steps, collect_results, update_readme, write_demo_report
+from part_distill.engine.pipeline import Step, StepFailed, run_steps
+
+
+def _script(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_text(body)
+    return str(path)
+
+
+def test_run_steps_skips_done_and_resumes_after_failure(tmp_path):
+    counter = tmp_path / "count.txt"
+    ok = _script(tmp_path, "ok.py", "import sys\nopen(sys.argv[1], 'a').write('x')\nopen(sys.argv[2], 'w').write('done')\n")
+    bad = _script(tmp_path, "bad.py", "import sys\nprint('boom'); sys.exit(3)\n")
+    steps = [Step("a", [ok, str(counter), str(tmp_path / "a.done")], str(tmp_path / "a.done")),
+             Step("b", [bad], str(tmp_path / "b.done")),
+             Step("c", [ok, str(counter), str(tmp_path / "c.done")], str(tmp_path / "c.done"))]
+    with pytest.raises(StepFailed, match="boom"):
+        run_steps(steps, str(tmp_path / "logs"), echo=lambda *_: None)
+    assert counter.read_text() == "x"  # a ran, c never started
+    steps[1] = Step("b", [ok, str(counter), str(tmp_path / "b.done")], str(tmp_path / "b.done"))
+    timings = run_steps(steps, str(tmp_path / "logs"), echo=lambda *_: None)
+    assert timings["a"] == "skipped" and timings["b"] != "skipped" and timings["c"] != "skipped"
+    assert counter.read_text() == "xxx"  # a was not re-run
+
+
+def test_step_that_exits_zero_without_its_result_fails(tmp_path):
+    noop = _script(tmp_path, "noop.py", "pass\n")
+    with pytest.raises(StepFailed, match="expected"):
+        run_steps([Step("n", [noop], str(tmp_path / "never"))], str(tmp_path / "logs"), echo=lambda *_: None)
+
+
+def test_demo_steps_chain_through_files():
+    steps = {s.name: s for s in build_demo_steps("OUT")}
+    # each stage reads exactly the file its predecessor promises
+    assert steps["proposal"].argv[steps["proposal"].argv.index("PART_DISTILL.PSEUDO_LABELS.MANIFEST") + 1] \
+        == steps["mine_train"].done_file
+    w = lambda s: steps[s].argv[steps[s].argv.index("MODEL.WEIGHTS") + 1]  # noqa: E731
+    assert w("self_train") == os.path.join("OUT", "proposal", "model_final.pth")
+    assert w("distill") == os.path.join("OUT", "ranking", "model_final.pth")
+    assert all(s.argv[0].startswith("tools/") for s in steps.values())
+
+
+def test_report_collects_stage_metrics_and_updates_readme(tmp_path):
+    out = tmp_path / "demo"
+    (out / "eval" / "mined").mkdir(parents=True)
+    (out / "eval" / "mined" / "eval_results.json").write_text(json.dumps(
+        {"parts_ar": {"AR@200": 12.5, "AR@200-gtobj_union": 20.0}, "parts_nmi_ari": {"NMI": 30.0, "ARI": 10.0}}))
+    (out / "self_train" / "round_0").mkdir(parents=True)
+    (out / "self_train" / "round_0" / "round.json").write_text(json.dumps(
+        {"eval": {"parts_ar": {"AR@200": 40.0}, "parts_miou": {"mIoU": 33.3}}}))
+    rows = dict(collect_results(str(out)))
+    assert rows["mined parts only (no learning)"]["NMI"] == 30.0
+    assert rows["self-training round 1"]["mIoU"] == 33.3
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- demo-results:start -->\nold\n<!-- demo-results:end -->\noutro\n")
+    text = write_demo_report(str(out), readme=str(readme))
+    assert "| mined parts only (no learning) | 12.5 | 20.0 | – | 30.0 | 10.0 |" in text
+    new = readme.read_text()
+    assert new.startswith("intro\n") and new.endswith("outro\n") and "old" not in new and "| 40.0 |" in new
+    assert (out / "report.html").exists() and (out / "ar_vs_k.png").exists()
+    assert not update_readme(str(tmp_path / "missing.md"), "x")
