@@ -31,7 +31,9 @@ def main(args):
         return run_stage(cfg, resume=args.resume or cfg.PART_DISTILL.STAGE != "proposal")
     trainer = PartDistillTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    res = trainer.train()
+    trainer.train()
+    # DefaultTrainer.train() returns its last evaluation only when TEST.EXPECTED_RESULTS is set.
+    res = getattr(trainer, "_last_eval_results", None)
     if comm.is_main_process() and res:
         atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), res, indent=1)
     return res

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
+from ..modeling.checkpoint import PartDistillCheckpointer
 from detectron2.utils import comm
 
 from ..modeling.part_candidates import select_part_candidates
@@ -97,7 +97,7 @@ def run_ranking(cfg, model=None):
         if not cfg.MODEL.WEIGHTS:
             raise ValueError("stage 'ranking' needs MODEL.WEIGHTS: the self-trained part model")
         model = PartDistillTrainer.build_model(cfg)
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        PartDistillCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     ranker = getattr(unwrap(model), "ranker", None)
     if ranker is None:
         raise TypeError(f"{type(unwrap(model)).__name__} has no PartRanker 'ranker'; stage 'ranking' needs "
@@ -116,7 +116,7 @@ def run_ranking(cfg, model=None):
     report.update(inputs=summary, weight=rk.WEIGHT, min_candidates=rk.MIN_CANDIDATES,
                   clusters_per_class={str(c): int(v.shape[0]) for c, v in sorted(prototypes.items())})
     if comm.is_main_process():
-        DetectionCheckpointer(unwrap(model), save_dir=cfg.OUTPUT_DIR).save("model_final")
+        PartDistillCheckpointer(unwrap(model), save_dir=cfg.OUTPUT_DIR).save("model_final")
         atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "ranking_report.json"), report, indent=1, sort_keys=True)
         logger.info("Ranking: candidates per class %s; classes without prototypes %s",
                     report["candidates_per_class"], report["classes_without_prototypes"])

@@ -18,7 +18,7 @@ import logging
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
+from ..modeling.checkpoint import PartDistillCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 from detectron2.utils import comm
@@ -132,7 +132,7 @@ def register_labelled_parts(name, manifest_path, filters):
 # ---------------------------------------------------------------- rounds
 def build_teacher(cfg, weights):
     model = PartDistillTrainer.build_model(cfg)
-    DetectionCheckpointer(model).load(weights)
+    PartDistillCheckpointer(model).load(weights)
     model.eval()
     return model
 

@@ -12,7 +12,7 @@ import logging
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
+from ..modeling.checkpoint import PartDistillCheckpointer
 from detectron2.utils import comm
 
 from ..data.pseudo_labels import PseudoLabelFilters, register_pseudo_labels
@@ -51,7 +51,7 @@ def _evaluate(cfg, model):
 
 def _final_model(cfg, weights):
     model = PartDistillTrainer.build_model(cfg)
-    DetectionCheckpointer(model).load(weights)
+    PartDistillCheckpointer(model).load(weights)
     return model
 
 

@@ -1,5 +1,6 @@
 """The one DefaultTrainer subclass that serves every stage; the stage is ``cfg.PART_DISTILL.STAGE``."""
 import itertools
+import weakref
 import logging
 import os
 
@@ -56,6 +57,15 @@ def build_optimizer(cfg, model):
 
 class PartDistillTrainer(DefaultTrainer):
     """detectron2's DefaultTrainer with part_distill's mappers, optimiser and evaluators."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # MODEL.WEIGHTS may be an official Mask2Former checkpoint (Swin key layout, .pkl): load
+        # through the converting checkpointer. Saving is unchanged (same format either way).
+        from ..modeling.checkpoint import PartDistillCheckpointer
+
+        self.checkpointer = PartDistillCheckpointer(
+            self.checkpointer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
 
     @classmethod
     def build_train_loader(cls, cfg):
