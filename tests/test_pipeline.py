@@ -58,11 +58,13 @@ def test_report_collects_stage_metrics_and_updates_readme(tmp_path):
         {"eval": {"parts_ar": {"AR@200": 40.0}, "parts_miou": {"mIoU": 33.3}}}))
     rows = dict(collect_results(str(out)))
     assert rows["mined parts only (no learning)"]["NMI"] == 30.0
-    assert rows["self-training round 1"]["mIoU"] == 33.3
+    # a class-agnostic round has no clusters: its mIoU is undefined, not the evaluator's 0
+    assert "mIoU" not in rows["self-training round 1"] and rows["self-training round 1"]["AR@200"] == 40.0
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- demo-results:start -->\nold\n<!-- demo-results:end -->\noutro\n")
-    text = write_demo_report(str(out), readme=str(readme))
-    assert "| mined parts only (no learning) | 12.5 | 20.0 | – | 30.0 | 10.0 |" in text
+    text = write_demo_report(str(out), {"a": "skipped", "b": 3.0}, readme=str(readme))
+    assert "steps run now: b 3s" in text
+    assert "| mined parts only (no learning) | 12.5 | 20.0 | n/a | 30.0 | 10.0 |" in text
     new = readme.read_text()
     assert new.startswith("intro\n") and new.endswith("outro\n") and "old" not in new and "| 40.0 |" in new
     assert (out / "report.html").exists() and (out / "ar_vs_k.png").exists()

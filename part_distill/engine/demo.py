@@ -69,7 +69,7 @@ def build_demo_steps(out, num_gpus=0):
         "overlays",
         ["tools/demo.py", "--config-file", f"{CFG}/distill.yaml", "--input", *val_images,
          "--output", j("overlays"), "--objects", "gt", "--dataset", VAL_PARTS.replace("_parts", ""),
-         "--confidence-threshold", "0.3", "MODEL.WEIGHTS", j("distill", "model_final.pth")],
+         "--confidence-threshold", "0.3", "MODEL.WEIGHTS", j("distill", "round_0", "model_final.pth")],
         j("overlays", "predictions.json"), "part overlays of the final model on 4 val images"))
     order = ["parts_world", "instance_teacher", "mine_train", "mine_val", "eval_mined",
              "proposal", "self_train", "ranking", "distill", "overlays"]
@@ -88,8 +88,13 @@ RESULT_ROWS = [
 ]
 
 
+# Stage-2 models are class-agnostic (no cluster ids): their mIoU/NMI/ARI are not defined, not 0.
+CLASS_AGNOSTIC_ROWS = ("part proposal learning", "self-training round")
+CLUSTER_METRICS = ("mIoU", "NMI", "ARI")
+
+
 def _fmt(x):
-    return "–" if x is None else f"{x:.1f}"
+    return "n/a" if x is None else f"{x:.1f}"
 
 
 def collect_results(out):
@@ -106,6 +111,8 @@ def collect_results(out):
         flat = {}
         for task in res.values():
             flat.update(task)
+        if label.startswith(CLASS_AGNOSTIC_ROWS):
+            flat = {k: v for k, v in flat.items() if k.split("-")[0] not in CLUSTER_METRICS}
         rows.append((label, flat))
     return rows
 
@@ -170,12 +177,13 @@ def _write_html(out, text_md, rows):
     import html
 
     _plot_ar(rows, os.path.join(out, "ar_vs_k.png"))
-    figs = ["contact_sheet.png", "ar_vs_k.png"]
+    figs = ["ar_vs_k.png"]
     if rows and _plot_class_miou(rows[-1][0], rows[-1][1], os.path.join(out, "class_miou.png")):
         figs.append("class_miou.png")
     overlay_dir = os.path.join(out, "overlays")
     if os.path.isdir(overlay_dir):
         figs += [os.path.join("overlays", f) for f in sorted(os.listdir(overlay_dir)) if f.endswith(".png")]
+    figs.append("contact_sheet.png")
     body = ["<html><head><meta charset='utf-8'><title>part_distill demo</title>",
             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%;margin:8px 0}</style></head><body>"]
@@ -188,8 +196,7 @@ def _write_html(out, text_md, rows):
         elif line.strip() and "---" not in line:
             body.append(f"</table><p>{html.escape(line)}</p><table>")
     body.append("</table>")
-    body += [f"<div><img src='{html.escape(f)}'></div>" for f in figs
-             if os.path.exists(os.path.join(out, f))]
+    body += [f"<img src='{html.escape(f)}'>" for f in figs if os.path.exists(os.path.join(out, f))]
     body.append("</body></html>")
     with atomic_open(os.path.join(out, "report.html")) as f:
         f.write("\n".join(body))
@@ -221,9 +228,9 @@ def write_demo_report(out, timings=None, readme=None):
         text += [f"Instance teacher: COCO mask AP {_fmt(segm.get('AP'))}, AP50 {_fmt(segm.get('AP50'))} "
                  "on parts_world_val.", ""]
     text += [results_markdown(collect_results(out)), ""]
-    if timings:
-        text += ["Step wall times: " + ", ".join(
-            f"{k} {'skipped' if v == 'skipped' else f'{v:.0f}s'}" for k, v in timings.items()), ""]
+    ran = {k: v for k, v in (timings or {}).items() if v != "skipped"}
+    if ran:
+        text += ["Wall times of the steps run now: " + ", ".join(f"{k} {v:.0f}s" for k, v in ran.items()), ""]
     text = "\n".join(text)
     with atomic_open(os.path.join(out, "results.md")) as f:
         f.write(text)
