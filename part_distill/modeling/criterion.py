@@ -100,13 +100,19 @@ class SetCriterion(nn.Module):
             "num_aux_outputs": mf.DEC_LAYERS - 1,
         }
 
-    def loss_labels(self, outputs, targets, indices, num_masks):
-        """Cross-entropy over all queries; unmatched queries are trained towards "no object"."""
+    def class_targets(self, outputs, targets, indices):
+        """(logits [B,Q,C+1] fp32, (batch_idx, src_idx) of matched queries, their labels, and the
+        per-query target classes [B,Q] with unmatched queries set to "no object")."""
         logits = outputs["pred_logits"].float()
         batch_idx, src_idx = self._src_permutation(indices, logits.device)
         matched = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
         classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         classes[batch_idx, src_idx] = matched
+        return logits, (batch_idx, src_idx), matched, classes
+
+    def loss_labels(self, outputs, targets, indices, num_masks):
+        """Cross-entropy over all queries; unmatched queries are trained towards "no object"."""
+        logits, _, _, classes = self.class_targets(outputs, targets, indices)
         return {"loss_ce": F.cross_entropy(logits.transpose(1, 2), classes, self.empty_weight)}
 
     def sample_points(self, pred_masks):

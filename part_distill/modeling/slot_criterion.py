@@ -36,11 +36,7 @@ class SlotSetCriterion(SetCriterion):
         self.clusters_per_class = int(clusters_per_class)
 
     def loss_labels(self, outputs, targets, indices, num_masks):
-        logits = outputs["pred_logits"].float()
-        batch_idx, src_idx = self._src_permutation(indices, logits.device)
-        matched = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
-        classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        classes[batch_idx, src_idx] = matched
+        logits, (batch_idx, src_idx), matched, classes = self.class_targets(outputs, targets, indices)
         offset = torch.zeros_like(logits)
         offset[batch_idx, src_idx] = slot_label_mask(matched, self.num_classes, self.clusters_per_class)
         return {"loss_ce": F.cross_entropy((logits + offset).transpose(1, 2), classes, self.empty_weight)}
