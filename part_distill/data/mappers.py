@@ -20,7 +20,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 from detectron2.utils.registry import Registry
 
-from ..utils.masks import decode_rle, polygons_to_mask
+from ..utils.masks import segmentation_to_mask
 
 __all__ = [
     "DATASET_MAPPER_REGISTRY",
@@ -67,16 +67,7 @@ def build_test_augmentation(cfg):
 
 def annotation_mask(segmentation, height, width):
     """HxW uint8 mask of a COCO segmentation (RLE dict or polygon list)."""
-    if isinstance(segmentation, dict):
-        mask = decode_rle(segmentation)
-    elif isinstance(segmentation, list):
-        mask = polygons_to_mask(segmentation, height, width)
-    else:
-        raise ValueError(f"Unsupported segmentation type {type(segmentation).__name__}; "
-                         "expected a COCO RLE dict or a polygon list")
-    if mask.shape != (height, width):
-        raise ValueError(f"segmentation of size {mask.shape} does not match the image ({height}, {width})")
-    return mask.astype(np.uint8)
+    return segmentation_to_mask(segmentation, height, width).astype(np.uint8)
 
 
 @DATASET_MAPPER_REGISTRY.register()

@@ -14,7 +14,7 @@ import numpy as np
 from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 
-from ..utils.masks import decode_rle, polygons_to_mask
+from ..utils.masks import segmentation_to_mask
 
 __all__ = [
     "MinedObject",
@@ -46,18 +46,6 @@ class MinedObject(NamedTuple):
     score: float
 
 
-def _segmentation_to_mask(segm, height, width):
-    if isinstance(segm, dict):
-        mask = decode_rle(segm)
-    elif isinstance(segm, list):
-        mask = polygons_to_mask(segm, height, width)
-    else:
-        raise ValueError(f"unsupported segmentation of type {type(segm).__name__}")
-    if mask.shape != (height, width):
-        raise ValueError(f"segmentation of size {mask.shape} in an image of size {(height, width)}")
-    return mask
-
-
 def _select(objects, score_thresh, topn):
     """Objects scoring >= score_thresh, best first (stable on ties), at most topn (0 = all)."""
     kept = [o for o in objects if o.score >= score_thresh]
@@ -77,7 +65,7 @@ class GTObjectSource:
             if ann.get("iscrowd", 0):
                 continue
             out.append(MinedObject(int(ann.get("id", j)), int(ann["category_id"]),
-                                   _segmentation_to_mask(ann["segmentation"], h, w), 1.0))
+                                   segmentation_to_mask(ann["segmentation"], h, w), 1.0))
         return out
 
 
@@ -175,7 +163,7 @@ class CocoResultsObjectSource:
         objs = [MinedObject(row, int(r["category_id"]), None, float(r.get("score", 1.0))) for row, r in rows]
         objs = _select(objs, self.score_thresh, self.topn)
         segm = {row: r["segmentation"] for row, r in rows}
-        return [o._replace(mask=_segmentation_to_mask(segm[o.source_id], h, w)) for o in objs]
+        return [o._replace(mask=segmentation_to_mask(segm[o.source_id], h, w)) for o in objs]
 
 
 _NAMES = {"gt": "GTObjectSource", "model": "ModelObjectSource", "coco_json": "CocoResultsObjectSource"}

@@ -25,6 +25,20 @@ def polygons_to_mask(polygons, height, width):
     return mask_util.decode(mask_util.merge(rles)).astype(bool)
 
 
+def segmentation_to_mask(segmentation, height, width):
+    """HxW bool mask of a COCO segmentation (RLE dict or polygon list) that must be ``height`` x ``width``."""
+    if isinstance(segmentation, dict):
+        mask = decode_rle(segmentation)
+    elif isinstance(segmentation, list):
+        mask = polygons_to_mask(segmentation, height, width)
+    else:
+        raise ValueError(f"Unsupported segmentation type {type(segmentation).__name__}; "
+                         "expected a COCO RLE dict or a polygon list")
+    if mask.shape != (height, width):
+        raise ValueError(f"segmentation of size {mask.shape} does not match the image ({height}, {width})")
+    return mask
+
+
 def mask_to_bbox_xywh(mask):
     """Tight XYWH box of a bool mask (pixel-inclusive, COCO convention); zeros for an empty mask."""
     ys, xs = np.nonzero(mask)
