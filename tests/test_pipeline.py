@@ -46,6 +46,17 @@ def test_demo_steps_chain_through_files():
     assert w("self_train") == os.path.join("OUT", "proposal", "model_final.pth")
     assert w("distill") == os.path.join("OUT", "ranking", "model_final.pth")
     assert all(s.argv[0].startswith("tools/") for s in steps.values())
+    # the one-stage baseline trains on the dataset-level store, the predicted-object evaluations read
+    # the checkpoints the stages write and the mined-parts row the teacher's own val predictions
+    arg = lambda s, key: steps[s].argv[steps[s].argv.index(key) + 1]  # noqa: E731
+    assert arg("one_stage", "PART_DISTILL.PSEUDO_LABELS.MANIFEST") == steps["mine_train_clusters"].done_file
+    assert arg("mine_train_clusters", "MINING.LEVEL") == "dataset"
+    assert w("eval_one_stage_pred") == os.path.join("OUT", "one_stage", "round_1", "model_final.pth")
+    assert w("eval_distill_pred") == os.path.join("OUT", "distill", "round_0", "model_final.pth")
+    assert arg("eval_distill_pred", "MODEL.PART_DISTILL.OBJECTS") == "predicted"
+    assert arg("mine_val_pred", "MINING.OBJECT_JSON").startswith(os.path.join("OUT", "instance_teacher", "inference"))
+    names = [s.name for s in build_demo_steps("OUT")]
+    assert names.index("instance_teacher") < names.index("mine_val_pred") < names.index("eval_mined_pred")
 
 
 def test_report_collects_stage_metrics_and_updates_readme(tmp_path):
@@ -56,7 +67,11 @@ def test_report_collects_stage_metrics_and_updates_readme(tmp_path):
     (out / "self_train" / "round_0").mkdir(parents=True)
     (out / "self_train" / "round_0" / "round.json").write_text(json.dumps(
         {"eval": {"parts_ar": {"AR@200": 40.0}, "parts_miou": {"mIoU": 33.3}}}))
+    (out / "eval" / "mined_pred").mkdir(parents=True)
+    (out / "eval" / "mined_pred" / "eval_results.json").write_text(json.dumps(
+        {"parts_ar": {"AR@200": 7.5}, "parts_miou": {"mIoU": 5.0}}))
     rows = dict(collect_results(str(out)))
+    assert rows["mined parts only (no learning)"]["AR@200-pred"] == 7.5
     assert rows["mined parts only (no learning)"]["NMI"] == 30.0
     # a class-agnostic round has no clusters: its mIoU is undefined, not the evaluator's 0
     assert "mIoU" not in rows["self-training round 1"] and rows["self-training round 1"]["AR@200"] == 40.0
@@ -64,7 +79,9 @@ def test_report_collects_stage_metrics_and_updates_readme(tmp_path):
     readme.write_text("intro\n<!-- demo-results:start -->\nold\n<!-- demo-results:end -->\noutro\n")
     text = write_demo_report(str(out), {"a": "skipped", "b": 3.0}, readme=str(readme))
     assert "steps run now: b 3s" in text
-    assert "| mined parts only (no learning) | 12.5 | 20.0 | n/a | 30.0 | 10.0 |" in text
+    assert "| mined parts only (no learning) | 7.5 | 5.0 | 20.0 | n/a | 30.0 | 10.0 |" in text
+    # a class-agnostic row's predicted-object AR is its unrestricted AR (ownership does not change it)
+    assert "| self-training round 1 | 40.0 | n/a | n/a | n/a | n/a | n/a |" in text
     new = readme.read_text()
     assert new.startswith("intro\n") and new.endswith("outro\n") and "old" not in new and "| 40.0 |" in new
     assert (out / "report.html").exists() and (out / "ar_vs_k.png").exists()

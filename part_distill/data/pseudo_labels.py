@@ -14,9 +14,13 @@ from typing import NamedTuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from ..mining.store import PartStore, read_manifest
+from ..mining.store import PART_STRIDE, PartStore, read_manifest
 
-__all__ = ["PseudoLabelFilters", "load_pseudo_labels", "register_pseudo_labels"]
+__all__ = ["PseudoLabelFilters", "load_pseudo_labels", "register_pseudo_labels", "PART_LABEL_KEY",
+           "check_cluster_store"]
+
+# Annotation field of a part's class slot (object class x k + cluster), read via INPUT.PART_CLASS_KEY.
+PART_LABEL_KEY = "part_label"
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +36,25 @@ class PseudoLabelFilters(NamedTuple):
         return cls(p.MIN_OBJECT_AREA_RATIO, p.MIN_PART_AREA_RATIO, p.MAX_PART_AREA_RATIO)
 
 
-def load_pseudo_labels(manifest_path, filters=PseudoLabelFilters()):
-    """Read a finished store (manifest.json or its directory) into detectron2 dicts, filtered."""
+def check_cluster_store(manifest, clusters_per_class):
+    """A store whose cluster ids can serve as class slots: dataset-level, NUM_CLUSTERS == k."""
+    mining = manifest.get("config", {}).get("MINING", {})
+    if mining.get("LEVEL") != "dataset" or int(mining.get("NUM_CLUSTERS", -1)) != int(clusters_per_class):
+        raise ValueError(f"cluster-id labels need a store mined with MINING.LEVEL 'dataset' and MINING.NUM_CLUSTERS "
+                         f"= {clusters_per_class} (the class slots); this one has LEVEL {mining.get('LEVEL')!r}, "
+                         f"NUM_CLUSTERS {mining.get('NUM_CLUSTERS')}: per-instance cluster ids are not comparable "
+                         "across instances")
+
+
+def load_pseudo_labels(manifest_path, filters=PseudoLabelFilters(), cluster_slots=0):
+    """Read a finished store (manifest.json or its directory) into detectron2 dicts, filtered.
+
+    ``cluster_slots`` k > 0 also labels every part with PART_LABEL_KEY = object class x k + its
+    cluster id (the one-stage baseline; the store must be dataset-level, see check_cluster_store).
+    """
     manifest = read_manifest(manifest_path)
+    if cluster_slots:
+        check_cluster_store(manifest, cluster_slots)
     root = os.path.dirname(os.path.abspath(manifest_path)) if not os.path.isdir(manifest_path) \
         else os.path.abspath(manifest_path)
     store = PartStore(root)
@@ -65,9 +85,12 @@ def load_pseudo_labels(manifest_path, filters=PseudoLabelFilters()):
                     dropped["large_part"] += 1
                     continue
                 kept += 1
-                anns.append({"bbox": p["bbox"], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0,
-                             "segmentation": p["segmentation"], "iscrowd": 0, "id": p["id"],
-                             "object_id": p["object_id"], "object_category_id": p["object_category_id"]})
+                ann = {"bbox": p["bbox"], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0,
+                       "segmentation": p["segmentation"], "iscrowd": 0, "id": p["id"],
+                       "object_id": p["object_id"], "object_category_id": p["object_category_id"]}
+                if cluster_slots:
+                    ann[PART_LABEL_KEY] = int(p["object_category_id"]) * cluster_slots + p["id"] % PART_STRIDE
+                anns.append(ann)
             out.append({"file_name": img["file_name"], "height": img["height"], "width": img["width"],
                         "image_id": img["id"], "annotations": anns})
     logger.info("Pseudo-labels %s: %d images, %d parts kept, dropped %s (filters %s)",
@@ -75,10 +98,14 @@ def load_pseudo_labels(manifest_path, filters=PseudoLabelFilters()):
     return out
 
 
-def register_pseudo_labels(name, manifest_path, filters=PseudoLabelFilters()):
-    """Register ``name`` in DatasetCatalog as the filtered pseudo-labels of a store (single class "part")."""
+def register_pseudo_labels(name, manifest_path, filters=PseudoLabelFilters(), cluster_slots=0):
+    """Register ``name`` in DatasetCatalog as the filtered pseudo-labels of a store (single class "part",
+    plus cluster-slot labels when ``cluster_slots`` > 0)."""
     path = os.path.abspath(manifest_path)
-    DatasetCatalog.register(name, lambda: load_pseudo_labels(path, filters))
+    # Idempotent: a resumed stage in the same process registers the same name again.
+    DatasetCatalog.pop(name, None)
+    MetadataCatalog.pop(name, None)
+    DatasetCatalog.register(name, lambda: load_pseudo_labels(path, filters, cluster_slots))
     MetadataCatalog.get(name).set(thing_classes=["part"], pseudo_label_manifest=path,
                                   pseudo_label_filters=dict(filters._asdict()))
     return name

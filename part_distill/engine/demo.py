@@ -12,6 +12,10 @@ from .pipeline import Step
 CFG = "configs/parts_world"
 VAL_PARTS = "parts_world_val_parts"
 SELF_TRAIN_ROUNDS = 2
+# Cluster slots per object class (stage 3 and the one-stage baseline; paper: k=8).
+CLUSTERS = 8
+# Predicted objects scoring below this own no parts (as MINING.OBJECT_SCORE_THRESH of the mined row).
+PRED_OBJECT_SCORE = 0.5
 
 
 def _launch_args(num_gpus):
@@ -19,10 +23,12 @@ def _launch_args(num_gpus):
 
 
 def build_demo_steps(out, num_gpus=0):
-    """All steps of the demo in order (later stages are appended as they exist in configs/)."""
+    """All steps of the demo in order: the pipeline, the one-stage baseline, the predicted-object evaluations."""
     j = lambda *p: os.path.join(out, *p)  # noqa: E731
     launch = _launch_args(num_gpus)
     teacher = j("instance_teacher", "model_final.pth")
+    # COCOEvaluator's output of the teacher's final evaluation: the predicted objects of parts_world_val.
+    teacher_val_objects = j("instance_teacher", "inference", "parts_world_val", "coco_instances_results.json")
     steps = [
         Step("parts_world", ["tools/make_parts_world.py", "--contact-sheet", j("contact_sheet.png")],
              j("contact_sheet.png"), "generate the synthetic parts world + contact sheet"),
@@ -32,37 +38,59 @@ def build_demo_steps(out, num_gpus=0):
              j("instance_teacher", "eval_results.json"),
              "train the instance teacher on instance labels (CPU, minutes)"),
     ]
-    for split in ("train", "val"):
+
+    def mine(name, split, text, *opts):
         steps.append(Step(
-            f"mine_{split}",
+            name,
             ["tools/mine_parts.py", "--config-file", f"{CFG}/mine_parts.yaml", *launch,
-             "MINING.DATASETS", f"('parts_world_{split}',)", "MINING.OUTPUT_DIR", j(f"mined_{split}"),
-             "OUTPUT_DIR", j(f"mined_{split}")],
-            j(f"mined_{split}", "manifest.json"), f"mine k=4 parts per GT object of parts_world_{split}"))
+             "MINING.DATASETS", f"('parts_world_{split}',)", *opts, "MINING.OUTPUT_DIR", j(name.replace("mine_", "mined_")),
+             "OUTPUT_DIR", j(name.replace("mine_", "mined_"))],
+            j(name.replace("mine_", "mined_"), "manifest.json"), text))
+
+    mine("mine_train", "train", "mine k=4 parts per GT object of parts_world_train")
+    mine("mine_val", "val", "mine k=4 parts per GT object of parts_world_val")
+    mine("mine_val_pred", "val", "mine k=4 parts per object the teacher predicts on parts_world_val",
+         "MINING.OBJECT_SOURCE", "coco_json", "MINING.OBJECT_JSON", teacher_val_objects,
+         "MINING.OBJECT_JSON_CONTIGUOUS", "True")
+    mine("mine_train_clusters", "train", f"one-stage baseline: k={CLUSTERS} clusters per object class over the dataset",
+         "MINING.LEVEL", "dataset", "MINING.NUM_CLUSTERS", str(CLUSTERS))
+    for name, store in (("eval_mined", "mined_val"), ("eval_mined_pred", "mined_val_pred")):
+        steps.append(Step(
+            name,
+            ["tools/evaluate_parts.py", "--store", j(store), "--dataset", VAL_PARTS,
+             "--output", j("eval", name[len("eval_"):])],
+            j("eval", name[len("eval_"):], "eval_results.json"), f"evaluate the parts of {store} (no learning)"))
     stage_opts = {
         "proposal": ["MODEL.WEIGHTS", teacher,
                      "PART_DISTILL.PSEUDO_LABELS.MANIFEST", j("mined_train", "manifest.json")],
         "self_train": ["MODEL.WEIGHTS", j("proposal", "model_final.pth")],
         "ranking": ["MODEL.WEIGHTS", j("self_train", f"round_{SELF_TRAIN_ROUNDS - 1}", "model_final.pth")],
         "distill": ["MODEL.WEIGHTS", j("ranking", "model_final.pth")],
+        "one_stage": ["MODEL.WEIGHTS", teacher,
+                      "PART_DISTILL.PSEUDO_LABELS.MANIFEST", j("mined_train_clusters", "manifest.json")],
     }
     stage_text = {
         "proposal": "stage 2: train the class-agnostic part decoder on the mined parts",
         "self_train": f"stage 2b: {SELF_TRAIN_ROUNDS} self-training rounds (teacher = last student)",
         "ranking": "stage 3: per-class k-means prototypes over part query features (Eq. 2)",
         "distill": "stage 4: final self-training with cluster ids as labels",
+        "one_stage": f"baseline: train on the dataset-level cluster ids, then {SELF_TRAIN_ROUNDS} self-training rounds",
     }
     for stage, opts in stage_opts.items():
         steps.append(Step(
             stage,
             ["tools/train_net.py", "--config-file", f"{CFG}/{stage}.yaml", *launch, *opts,
-             "PART_DISTILL.SELF_TRAIN.ROUNDS", str(SELF_TRAIN_ROUNDS), "OUTPUT_DIR", j(stage)],
+             "PART_DISTILL.SELF_TRAIN.ROUNDS", str(SELF_TRAIN_ROUNDS),
+             "PART_DISTILL.ONE_STAGE.ROUNDS", str(SELF_TRAIN_ROUNDS), "OUTPUT_DIR", j(stage)],
             j(stage, "eval_results.json"), stage_text[stage]))
-    steps.append(Step(
-        "eval_mined",
-        ["tools/evaluate_parts.py", "--store", j("mined_val"), "--dataset", VAL_PARTS,
-         "--output", j("eval", "mined")],
-        j("eval", "mined", "eval_results.json"), "evaluate mined parts only (no learning)"))
+    for stage, weights in PREDICTED_OBJECT_EVALS.items():
+        steps.append(Step(
+            f"eval_{stage}_pred",
+            ["tools/train_net.py", "--config-file", f"{CFG}/{stage}.yaml", "--eval-only", *launch,
+             "MODEL.WEIGHTS", j(weights), "MODEL.PART_DISTILL.OBJECTS", "predicted",
+             "MODEL.PART_DISTILL.TEST.OBJECT_SCORE_THRESH", str(PRED_OBJECT_SCORE), "OUTPUT_DIR", j("eval", f"{stage}_pred")],
+            j("eval", f"{stage}_pred", "eval_results.json"),
+            f"evaluate the {stage} model with the teacher's predicted objects instead of GT objects"))
     world = os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "parts_world")
     val_images = [os.path.join(world, "images", "val", f"{i:06d}.png") for i in range(4)]
     steps.append(Step(
@@ -71,20 +99,32 @@ def build_demo_steps(out, num_gpus=0):
          "--output", j("overlays"), "--objects", "gt", "--dataset", VAL_PARTS.replace("_parts", ""),
          "--confidence-threshold", "0.3", "MODEL.WEIGHTS", j("distill", "round_0", "model_final.pth")],
         j("overlays", "predictions.json"), "part overlays of the final model on 4 val images"))
-    order = ["parts_world", "instance_teacher", "mine_train", "mine_val", "eval_mined",
-             "proposal", "self_train", "ranking", "distill", "overlays"]
+    order = ["parts_world", "instance_teacher", "mine_train", "mine_val", "eval_mined", "mine_val_pred",
+             "eval_mined_pred", "proposal", "self_train", "ranking", "distill", "mine_train_clusters", "one_stage",
+             *[f"eval_{s}_pred" for s in PREDICTED_OBJECT_EVALS], "overlays"]
     return sorted(steps, key=lambda s: order.index(s.name))
 
 
-# rows of the results table: (label, eval_results.json relative to the demo output)
+# Models whose parts depend on which objects own them get a second evaluation with predicted objects.
+PREDICTED_OBJECT_EVALS = {
+    "ranking": "ranking/model_final.pth",
+    "distill": "distill/round_0/model_final.pth",
+    "one_stage": f"one_stage/round_{SELF_TRAIN_ROUNDS - 1}/model_final.pth",
+}
+
+# rows of the results table: (label, evaluation with GT objects, evaluation with predicted objects),
+# files relative to the demo output. Class-agnostic rows have no predicted-object file: their parts and
+# scores do not depend on the owner object, so their unrestricted AR is the predicted-object AR.
 RESULT_ROWS = [
-    ("mined parts only (no learning)", "eval/mined/eval_results.json"),
-    ("part proposal learning (stage 2)", "proposal/eval_results.json"),
+    ("mined parts only (no learning)", "eval/mined/eval_results.json", "eval/mined_pred/eval_results.json"),
+    ("one-stage baseline (dataset-level clusters + self-training)", "one_stage/eval_results.json",
+     "eval/one_stage_pred/eval_results.json"),
+    ("part proposal learning (stage 2)", "proposal/eval_results.json", None),
 ] + [
-    (f"self-training round {r + 1}", f"self_train/round_{r}/round.json") for r in range(SELF_TRAIN_ROUNDS)
+    (f"self-training round {r + 1}", f"self_train/round_{r}/round.json", None) for r in range(SELF_TRAIN_ROUNDS)
 ] + [
-    ("class-specific ranking (stage 3)", "ranking/eval_results.json"),
-    ("final distillation (stage 4)", "distill/eval_results.json"),
+    ("class-specific ranking (stage 3)", "ranking/eval_results.json", "eval/ranking_pred/eval_results.json"),
+    ("final distillation (stage 4)", "distill/eval_results.json", "eval/distill_pred/eval_results.json"),
 ]
 
 
@@ -97,33 +137,46 @@ def _fmt(x):
     return "n/a" if x is None else f"{x:.1f}"
 
 
+def _read_flat(path):
+    with open(path) as f:
+        res = json.load(f)
+    if path.endswith("round.json"):  # a self-training round keeps its evaluation inside
+        res = res.get("eval") or {}
+    flat = {}
+    for task in res.values():
+        if isinstance(task, dict):
+            flat.update(task)
+    return flat
+
+
 def collect_results(out):
-    """[(label, {metric: value})] for every finished evaluation of the demo."""
+    """[(label, {metric: value})] for every finished evaluation of the demo; metrics of the
+    predicted-object evaluation carry the suffix "-pred"."""
     rows = []
-    for label, rel in RESULT_ROWS:
+    for label, rel, pred_rel in RESULT_ROWS:
         path = os.path.join(out, rel)
         if not os.path.exists(path):
             continue
-        with open(path) as f:
-            res = json.load(f)
-        if path.endswith("round.json"):  # a self-training round keeps its evaluation inside
-            res = res.get("eval") or {}
-        flat = {}
-        for task in res.values():
-            flat.update(task)
+        flat = _read_flat(path)
         if label.startswith(CLASS_AGNOSTIC_ROWS):
             flat = {k: v for k, v in flat.items() if k.split("-")[0] not in CLUSTER_METRICS}
+            if "AR@200" in flat:
+                flat["AR@200-pred"] = flat["AR@200"]
+        elif pred_rel and os.path.exists(os.path.join(out, pred_rel)):
+            flat.update({f"{k}-pred": v for k, v in _read_flat(os.path.join(out, pred_rel)).items()})
         rows.append((label, flat))
     return rows
 
 
+COLUMNS = [("AR@200 pred. obj.", "AR@200-pred"), ("mIoU pred. obj.", "mIoU-pred"),
+           ("AR@200 GT obj.", "AR@200-gtobj_union"), ("mIoU GT obj.", "mIoU"), ("NMI", "NMI"), ("ARI", "ARI")]
+
+
 def results_markdown(rows):
-    cols = [("AR@200", "AR@200"), ("AR@200 (GT obj)", "AR@200-gtobj_union"), ("mIoU", "mIoU"),
-            ("NMI", "NMI"), ("ARI", "ARI")]
-    lines = ["| method | " + " | ".join(c for c, _ in cols) + " |",
-             "|---|" + "---|" * len(cols)]
+    lines = ["| method | " + " | ".join(c for c, _ in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
     for label, m in rows:
-        lines.append(f"| {label} | " + " | ".join(_fmt(m.get(k)) for _, k in cols) + " |")
+        lines.append(f"| {label} | " + " | ".join(_fmt(m.get(k)) for _, k in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -227,7 +280,10 @@ def write_demo_report(out, timings=None, readme=None):
             segm = json.load(f).get("segm", {})
         text += [f"Instance teacher: COCO mask AP {_fmt(segm.get('AP'))}, AP50 {_fmt(segm.get('AP50'))} "
                  "on parts_world_val.", ""]
-    text += [results_markdown(collect_results(out)), ""]
+    text += [results_markdown(collect_results(out)), "",
+             "pred. obj.: parts belong to the teacher's predicted objects (score >= 0.5) and AR counts every "
+             "proposal; GT obj.: parts belong to the ground-truth objects and AR clips proposals to their union "
+             "(NMI/ARI with GT objects). n/a: a class-agnostic model has no cluster ids.", ""]
     ran = {k: v for k, v in (timings or {}).items() if v != "skipped"}
     if ran:
         text += ["Wall times of the steps run now: " + ", ".join(f"{k} {v:.0f}s" for k, v in ran.items()), ""]

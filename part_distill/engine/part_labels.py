@@ -75,8 +75,8 @@ def predict_part_queries(model, batched_inputs, with_objects=False):
     """
     m = unwrap(model)
     images = m.preprocess_image(batched_inputs)
-    mask_features, multi_scale = m.encode(images)
-    part_out = m.part_predictor(multi_scale, mask_features)
+    mask_features, multi_scale, part_mask_features = m.encode_for_parts(images.tensor)
+    part_out = m.part_predictor(multi_scale, part_mask_features)
     obj_out = m.sem_seg_head.predictor(multi_scale, mask_features) if with_objects else None
     results = []
     for b, x in enumerate(batched_inputs):

@@ -23,7 +23,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from ..data.pseudo_labels import PseudoLabelFilters, load_pseudo_labels
+from ..data.pseudo_labels import PART_LABEL_KEY, PseudoLabelFilters, load_pseudo_labels
 from ..mining.store import code_version, config_hash, read_manifest
 from ..utils.io import atomic_open, atomic_write_json
 from .part_labels import (PartLabelFilters, build_label_mapper, dataset_inputs, file_sha256, label_run_info,
@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 TEACHERS = ("snapshot", "ema")
 ROUND_MANIFEST = "round.json"
 # Annotation field of a label store that holds the stage-4 cluster-slot label (INPUT.PART_CLASS_KEY).
-PART_LABEL_KEY = "part_label"
 # Test hook: extra hooks (list of HookBase factories taking the round index) added to each student.
 _extra_hooks = []
 

@@ -40,9 +40,9 @@ class TraceablePartModel(nn.Module):
 
     def forward(self, image):
         m = self.model
-        mask_features, multi_scale = m.sem_seg_head.encode(m.backbone(image))
+        mask_features, multi_scale, part_mask_features = m.encode_for_parts(image)
         obj = m.sem_seg_head.predictor(multi_scale, mask_features)
-        part = m.part_predictor(multi_scale, mask_features)
+        part = m.part_predictor(multi_scale, part_mask_features)
         out = (obj["pred_logits"], obj["pred_masks"], part["pred_logits"], part["pred_masks"],
                part["query_features"])
         if self.with_ranker:

@@ -134,7 +134,10 @@ class CocoResultsObjectSource:
     """
 
     @configurable
-    def __init__(self, *, results, score_thresh=0.5, topn=20):
+    def __init__(self, *, results, score_thresh=0.5, topn=20, category_map=None):
+        """``category_map``: {file category id: id to store} (e.g. detectron2's
+        thing_dataset_id_to_contiguous_id); None keeps the file's ids. Unmapped ids raise."""
+        self.category_map = category_map
         if isinstance(results, str):
             try:
                 with open(results) as f:
@@ -153,17 +156,49 @@ class CocoResultsObjectSource:
 
     @classmethod
     def from_config(cls, cfg):
+        category_map = None
+        if cfg.MINING.OBJECT_JSON_CONTIGUOUS:
+            category_map = _contiguous_map(cfg.MINING.DATASETS)
         return {"results": cfg.MINING.OBJECT_JSON, "score_thresh": cfg.MINING.OBJECT_SCORE_THRESH,
-                "topn": cfg.MINING.OBJECT_TOPN}
+                "topn": cfg.MINING.OBJECT_TOPN, "category_map": category_map}
+
+    def _category(self, raw):
+        if self.category_map is None:
+            return int(raw)
+        if raw not in self.category_map:
+            raise ValueError(f"category_id {raw} of MINING.OBJECT_JSON is not a category of MINING.DATASETS "
+                             f"(known ids: {sorted(self.category_map)})")
+        return int(self.category_map[raw])
 
     def __call__(self, dataset_dict, image=None):
         h, w = dataset_dict["height"], dataset_dict["width"]
         rows = self.by_image.get(dataset_dict["image_id"], [])
         # Cheap score filter before decoding masks: results files hold many low-score rows.
-        objs = [MinedObject(row, int(r["category_id"]), None, float(r.get("score", 1.0))) for row, r in rows]
+        objs = [MinedObject(row, self._category(r["category_id"]), None, float(r.get("score", 1.0)))
+                for row, r in rows]
         objs = _select(objs, self.score_thresh, self.topn)
         segm = {row: r["segmentation"] for row, r in rows}
         return [o._replace(mask=segmentation_to_mask(segm[o.source_id], h, w)) for o in objs]
+
+
+def _contiguous_map(dataset_names):
+    """Union of the datasets' thing_dataset_id_to_contiguous_id (filled when they are loaded)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    out = {}
+    for name in dataset_names:
+        meta = MetadataCatalog.get(name)
+        if not hasattr(meta, "thing_dataset_id_to_contiguous_id"):
+            DatasetCatalog.get(name)
+        mapping = getattr(meta, "thing_dataset_id_to_contiguous_id", None)
+        if mapping is None:
+            raise ValueError(f"MINING.OBJECT_JSON_CONTIGUOUS needs thing_dataset_id_to_contiguous_id in the "
+                             f"metadata of {name!r}")
+        for k, v in mapping.items():
+            if out.get(k, v) != v:
+                raise ValueError(f"datasets {list(dataset_names)} map category id {k} differently")
+            out[k] = v
+    return out
 
 
 _NAMES = {"gt": "GTObjectSource", "model": "ModelObjectSource", "coco_json": "CocoResultsObjectSource"}

@@ -14,6 +14,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch.nn import functional as F
 
 from ..criterion import SetCriterion
+from ..part_mask_adapter import build_part_mask_adapter
 from ..ranked_inference import rerank_parts
 from ..ranker import PartRanker
 from ..slot_criterion import SlotSetCriterion
@@ -31,7 +32,8 @@ class PartDistillationModel(InstanceSegmentor):
     @configurable
     def __init__(self, *, part_predictor, part_criterion, freeze_encoder=True,
                  freeze_instance_decoder=True, objects="predicted", clusters_per_class=8,
-                 part_score_thresh=0.0, parts_per_image=0, return_features=True, ranker=None, **kwargs):
+                 part_score_thresh=0.0, parts_per_image=0, return_features=True, ranker=None,
+                 part_mask_adapter=None, **kwargs):
         """
         Args:
             part_predictor: the part decoder D^p (a masked-attention decoder returning query_features).
@@ -41,6 +43,8 @@ class PartDistillationModel(InstanceSegmentor):
             clusters_per_class, part_score_thresh, parts_per_image, return_features: see
                 ``part_inference`` and MODEL.PART_DISTILL.TEST.
             ranker: optional PartRanker (stage 3); once fitted it re-scores class-agnostic parts (Eq. 2).
+            part_mask_adapter: optional trainable module (mask_features, backbone_features) -> the
+                mask features D^p reads (part_mask_adapter.py); None: D^p reads E's mask features.
             kwargs: InstanceSegmentor arguments (backbone, sem_seg_head, criterion, ...).
         """
         super().__init__(**kwargs)
@@ -54,6 +58,7 @@ class PartDistillationModel(InstanceSegmentor):
         self.parts_per_image = parts_per_image
         self.return_features = return_features
         self.ranker = ranker
+        self.part_mask_adapter = part_mask_adapter
         self.freeze_encoder = freeze_encoder
         self.freeze_instance_decoder = freeze_instance_decoder
         for module in self.frozen_modules():
@@ -77,6 +82,7 @@ class PartDistillationModel(InstanceSegmentor):
         else:
             ret["part_criterion"] = SetCriterion(**criterion_args)
         # Prototypes are buffers: zero until stage 3 fits them, then saved with every checkpoint.
+        ret["part_mask_adapter"] = build_part_mask_adapter(cfg, ret["backbone"].output_shape())
         ret["ranker"] = PartRanker(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, pd.CLUSTERS_PER_CLASS,
                                    cfg.MODEL.MASK_FORMER.HIDDEN_DIM)
         ret.update(
@@ -109,14 +115,21 @@ class PartDistillationModel(InstanceSegmentor):
         """Training: weighted losses (``part_*``, plus ``obj_*`` when D^o trains).
         Inference: ``[{"instances": objects, "parts": part proposals}]`` (docs/formats.md)."""
         images = self.preprocess_image(batched_inputs)
-        frozen = self.freeze_encoder
-        with torch.no_grad() if frozen else contextlib.nullcontext():
-            mask_features, multi_scale = self.encode(images)
-        part_out = self.part_predictor(multi_scale, mask_features)
+        mask_features, multi_scale, part_mask_features = self.encode_for_parts(images.tensor)
+        part_out = self.part_predictor(multi_scale, part_mask_features)
         if self.training:
             return self.losses(batched_inputs, images, mask_features, multi_scale, part_out)
         obj_out = self.sem_seg_head.predictor(multi_scale, mask_features)
         return [self.inference_one(b, x, images, obj_out, part_out) for b, x in enumerate(batched_inputs)]
+
+    def encode_for_parts(self, image_tensor):
+        """Normalised padded images -> (mask_features, multi_scale, the mask features D^p reads)."""
+        with torch.no_grad() if self.freeze_encoder else contextlib.nullcontext():
+            features = self.backbone(image_tensor)
+            mask_features, multi_scale = self.sem_seg_head.encode(features)
+        if self.part_mask_adapter is None:
+            return mask_features, multi_scale, mask_features
+        return mask_features, multi_scale, self.part_mask_adapter(mask_features, features)
 
     def losses(self, batched_inputs, images, mask_features, multi_scale, part_out):
         targets = self.prepare_targets(batched_inputs, images, key="parts")
