@@ -12,6 +12,7 @@ STAGES = (
     "self_train",      # stage 2b: self-training rounds, teacher refreshed from the student
     "ranking",         # stage 3: per-class k-means prototypes over part query features
     "distill",         # stage 4: final self-training with per-class cluster ids as labels
+    "one_stage",       # baseline: dataset-level cluster ids as labels, then self-training rounds
     "supervised",      # few-shot fine-tuning on real part labels
     "particle",        # part-awareness lab: PARTICLE backbone adaptation
 )
@@ -24,6 +25,9 @@ def add_part_distill_config(cfg):
     _add_mining_config(cfg)
     _add_training_config(cfg)
     _add_eval_config(cfg)
+    _add_supervised_config(cfg)
+    _add_particle_config(cfg)
+    _add_probe_config(cfg)
     return cfg
 
 
@@ -231,6 +235,15 @@ def _add_model_config(cfg):
     cfg.MODEL.PART_DISTILL.TEST.PARTS_PER_IMAGE = 0
     # Return the decoded part query features f^p as parts.pred_features (needed by the ranker).
     cfg.MODEL.PART_DISTILL.TEST.RETURN_FEATURES = True
+    cfg.MODEL.PART_DISTILL.MASK_ADAPTER = CN()
+    # Conv blocks of the trainable residual branch on the mask features D^p reads (0 = D^p reads E's as is).
+    cfg.MODEL.PART_DISTILL.MASK_ADAPTER.NUM_CONVS = 0
+    # Width of that branch (0 = SEM_SEG_HEAD.MASK_DIM).
+    cfg.MODEL.PART_DISTILL.MASK_ADAPTER.HIDDEN_DIM = 0
+    # Backbone level concatenated to its input for finer part boundaries ("" = none; e.g. "res2").
+    cfg.MODEL.PART_DISTILL.MASK_ADAPTER.SKIP_FEATURE = ""
+    # Norm of its convs (detectron2 get_norm name).
+    cfg.MODEL.PART_DISTILL.MASK_ADAPTER.NORM = "GN"
 
     # -- data mappers (part_distill/data/mappers.py)
     # Registered name in DATASET_MAPPER_REGISTRY for training: "InstanceLSJMapper" | "PartTargetLSJMapper".
@@ -306,6 +319,8 @@ def _add_mining_config(cfg):
     cfg.MINING.OBJECT_SOURCE = "gt"
     # COCO-results JSON (list of {image_id, category_id, segmentation RLE, score}) for OBJECT_SOURCE "coco_json".
     cfg.MINING.OBJECT_JSON = ""
+    # Map OBJECT_JSON's category ids to contiguous ids via MINING.DATASETS' metadata (COCOEvaluator's output).
+    cfg.MINING.OBJECT_JSON_CONTIGUOUS = False
     # Predicted objects ("model" / "coco_json") scoring below this are not mined.
     cfg.MINING.OBJECT_SCORE_THRESH = 0.5
     # Keep at most this many predicted objects per image, best first (0 = no cap).
@@ -381,6 +396,10 @@ def _add_training_config(cfg):
     # Base seed; class c uses SEED + c, so the result is independent of the world size.
     pd.RANKING.SEED = 0
 
+    pd.ONE_STAGE = CN()
+    # Self-training rounds of the one-stage baseline after its training on dataset-level clusters (paper: 2).
+    pd.ONE_STAGE.ROUNDS = 2
+
     pd.DISTILL = CN()
     # Rounds of the final self-training with cluster-slot labels (stage "distill", Sec 4.3).
     pd.DISTILL.ROUNDS = 1
@@ -401,7 +420,7 @@ def _add_eval_config(cfg):
     cfg.TEST.PARTS.OBJECT_ASSIGNMENT = "max_overlap"
     # Object pixels covered by no GT part: "ignore" (left out of mIoU/NMI/ARI) | "label" (their own GT label).
     cfg.TEST.PARTS.UNLABELED_GT = "ignore"
-    # Cluster -> GT part association for mIoU: "majority" (many-to-one) | "hungarian" (one-to-one).
+    # Cluster -> GT part for mIoU: "majority" (many-to-one) | "hungarian" (one-to-one) | "identity" (supervised).
     cfg.TEST.PARTS.ASSOCIATION = "majority"
     # Fraction of images (by hash of image_id) used only to associate clusters; 0 = same split (flagged).
     cfg.TEST.PARTS.MATCH_SPLIT_FRACTION = 0.5
@@ -409,3 +428,122 @@ def _add_eval_config(cfg):
     cfg.TEST.PARTS.MATCH_SPLIT_SEED = 0
     # Association json written by a run on another dataset; when set, every image here is evaluated.
     cfg.TEST.PARTS.ASSOCIATION_FILE = ""
+
+
+# ---------------------------------------------------------------- few-shot supervised stage (part_distill/engine/supervised.py)
+def _add_supervised_config(cfg):
+    pass
+
+
+# ---------------------------------------------------------------- PARTICLE + SelfPatch (part_distill/particle)
+def _add_particle_config(cfg):
+    cfg.PARTICLE = CN()
+    # Datasets (DatasetCatalog names) whose images are adapted to, concatenated in this order.
+    cfg.PARTICLE.DATASETS = ("parts_world_train",)
+    # Outer iterations of (part discovery -> part-contrastive training) (Algorithm 1).
+    cfg.PARTICLE.ITERATIONS = 3
+    # Optimiser steps of contrastive training per outer iteration.
+    cfg.PARTICLE.STEPS_PER_ITER = 50
+    # Images per step on each rank (two augmented views of each).
+    cfg.PARTICLE.BATCH_SIZE = 8
+    # Images used per iteration, a seeded random subset (0 = every image of DATASETS).
+    cfg.PARTICLE.IMAGES_PER_ITER = 0
+    # SGD (momentum 0.9) learning rate, cosine-decayed to 0 within each iteration (paper: 0.05 iterative).
+    cfg.PARTICLE.BASE_LR = 0.02
+    # SGD weight decay (paper: 1.5e-6).
+    cfg.PARTICLE.WEIGHT_DECAY = 1.5e-6
+    # Linear warm-up steps at the start of each iteration.
+    cfg.PARTICLE.WARMUP_STEPS = 5
+    # EMA decay of the momentum (target) encoder and projector (paper: 0.996).
+    cfg.PARTICLE.MOMENTUM = 0.996
+    # Temperature tau: projections are rescaled to norm 1/sqrt(tau) (Eq. 2-3, paper: 0.1).
+    cfg.PARTICLE.TEMPERATURE = 0.1
+    # Parts k found by per-image k-means of hypercolumns (paper: 25 on 224 px birds).
+    cfg.PARTICLE.NUM_PARTS = 8
+    # Lloyd iterations of discovery k-means (paper: 500; warm-started runs converge sooner).
+    cfg.PARTICLE.KMEANS_MAX_ITER = 100
+    # Warm-start each iteration's k-means from the previous iteration's centroids (paper Sec 6.3).
+    cfg.PARTICLE.WARM_START = True
+    # Backbone levels of the discovery hypercolumn, each L2-normalised, on the finest level's grid.
+    cfg.PARTICLE.DISCOVERY_LEVELS = ["res2", "res3", "res4"]
+    # Backbone levels mask-pooled for the contrastive loss (L2-normalised, on the finest level's grid).
+    cfg.PARTICLE.CONTRAST_LEVELS = ["res3", "res4", "res5"]
+    # Images per discovery forward/k-means batch (results do not depend on it).
+    cfg.PARTICLE.DISCOVERY_BATCH_SIZE = 16
+    # Square side every image is resized to, for discovery and as the source of the views (paper: 224).
+    cfg.PARTICLE.IMAGE_SIZE = 192
+    # Square side of each random-resized-crop view fed to the encoders.
+    cfg.PARTICLE.CROP_SIZE = 128
+    # Area range of the random resized crop relative to the image (appendix A: 0.08-1.0).
+    cfg.PARTICLE.CROP_SCALE = (0.08, 1.0)
+    # Hidden and output widths of the projector g (BYOL MLP); the predictor q maps OUT -> HIDDEN -> OUT.
+    cfg.PARTICLE.PROJ_HIDDEN_DIM = 512
+    cfg.PARTICLE.PROJ_DIM = 128
+    # Hidden width of the predictor q.
+    cfg.PARTICLE.PRED_HIDDEN_DIM = 512
+    # Seed of subsets, augmentations, k-means++ and head initialisation.
+    cfg.PARTICLE.SEED = 0
+    # Weight of the part-contrastive loss (0 trains SelfPatch alone).
+    cfg.PARTICLE.CONTRAST_WEIGHT = 1.0
+
+    cfg.PARTICLE.SELFPATCH = CN()
+    # Add the SelfPatch loss (neighbouring patches as positives) on a patch grid of the encoder.
+    cfg.PARTICLE.SELFPATCH.ENABLED = False
+    # Weight of the SelfPatch loss beside the part-contrastive one.
+    cfg.PARTICLE.SELFPATCH.WEIGHT = 1.0
+    # Backbone level whose cells are the "patches" (a ViT's token grid; a CNN level otherwise).
+    cfg.PARTICLE.SELFPATCH.LEVEL = "res4"
+    # Positives per patch: the most similar of its 8 neighbours under the teacher (SelfPatch: k=4).
+    cfg.PARTICLE.SELFPATCH.NUM_NEIGHBORS = 4
+    # Output width of the SelfPatch projection heads (softmax over this many prototypes).
+    cfg.PARTICLE.SELFPATCH.OUT_DIM = 256
+    # Student and teacher softmax temperatures (DINO: 0.1 and 0.04).
+    cfg.PARTICLE.SELFPATCH.STUDENT_TEMP = 0.1
+    cfg.PARTICLE.SELFPATCH.TEACHER_TEMP = 0.04
+    # Attention heads of the aggregation module (one class-attention block).
+    cfg.PARTICLE.SELFPATCH.NUM_HEADS = 4
+
+
+# ---------------------------------------------------------------- backbone probes (part_distill/probes)
+def _add_probe_config(cfg):
+    cfg.PROBE = CN()
+    # Which probes tools/probe_backbone.py runs: "grouping" (AR of mined parts), "linear", "retrieval".
+    cfg.PROBE.PROBES = ["grouping", "linear", "retrieval"]
+    # *_parts dataset the probes are scored on (grouping AR, linear mIoU, retrieval queries).
+    cfg.PROBE.DATASET = "parts_world_val_parts"
+    # *_parts dataset the linear probe is trained on.
+    cfg.PROBE.TRAIN_DATASET = "parts_world_train_parts"
+    # First N images of PROBE.DATASET that every probe scores (0 = all).
+    cfg.PROBE.NUM_VAL_IMAGES = 0
+    # First N images of PROBE.TRAIN_DATASET the linear probe trains on (0 = all).
+    cfg.PROBE.NUM_TRAIN_IMAGES = 0
+    # Images (or retrieval crops) per frozen-backbone forward pass.
+    cfg.PROBE.BATCH_SIZE = 8
+
+    cfg.PROBE.LINEAR = CN()
+    # Backbone levels of the linear probe, bilinearly resized to the finest one's grid and concatenated.
+    cfg.PROBE.LINEAR.LEVELS = ["res3", "res4", "res5"]
+    # L2-normalise each level per pixel first, so one lr fits levels of any width and magnitude.
+    cfg.PROBE.LINEAR.NORMALIZE = True
+    # Images are resized so their long side is this many pixels before feature extraction.
+    cfg.PROBE.LINEAR.IMAGE_SIZE = 256
+    # AdamW iterations of the fixed training schedule.
+    cfg.PROBE.LINEAR.ITERS = 300
+    # Peak learning rate, decayed to 0 by a cosine over ITERS.
+    cfg.PROBE.LINEAR.LR = 0.1
+    # AdamW weight decay of the 1x1 conv.
+    cfg.PROBE.LINEAR.WEIGHT_DECAY = 0.0
+    # Training images per step (sampled without replacement each epoch).
+    cfg.PROBE.LINEAR.BATCH_SIZE = 16
+    # Labelled pixels per image and step whose cross-entropy estimates the per-pixel loss (0 = all).
+    cfg.PROBE.LINEAR.POINTS_PER_IMAGE = 4096
+    # Seed of the conv initialisation and of the image order; same seed -> same probe.
+    cfg.PROBE.LINEAR.SEED = 0
+
+    cfg.PROBE.RETRIEVAL = CN()
+    # Backbone level whose mean-pooled output embeds a crop ("" = the deepest output of the backbone).
+    cfg.PROBE.RETRIEVAL.LEVEL = ""
+    # Side in original-image pixels of the square crop centred on each GT part's centroid.
+    cfg.PROBE.RETRIEVAL.CROP_SIZE = 48
+    # Crops are resized to this side (rounded up to the backbone's size divisibility) before embedding.
+    cfg.PROBE.RETRIEVAL.RESIZE = 128

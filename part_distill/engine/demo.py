@@ -22,13 +22,18 @@ def _launch_args(num_gpus):
     return ["--num-gpus", str(num_gpus)] if num_gpus > 1 else []
 
 
-def build_demo_steps(out, num_gpus=0):
-    """All steps of the demo in order: the pipeline, the one-stage baseline, the predicted-object evaluations."""
+def build_demo_steps(out, num_gpus=0, teacher_dir=None, mining_opts=()):
+    """All steps of the demo in order: the pipeline, the one-stage baseline, the predicted-object evaluations.
+
+    ``teacher_dir``: reuse the instance teacher of that directory (its step is then left out);
+    ``mining_opts``: extra KEY VALUE options of every mining step (e.g. another backbone's MODEL.WEIGHTS).
+    """
     j = lambda *p: os.path.join(out, *p)  # noqa: E731
     launch = _launch_args(num_gpus)
-    teacher = j("instance_teacher", "model_final.pth")
+    teacher_dir = teacher_dir or j("instance_teacher")
+    teacher = os.path.join(teacher_dir, "model_final.pth")
     # COCOEvaluator's output of the teacher's final evaluation: the predicted objects of parts_world_val.
-    teacher_val_objects = j("instance_teacher", "inference", "parts_world_val", "coco_instances_results.json")
+    teacher_val_objects = os.path.join(teacher_dir, "inference", "parts_world_val", "coco_instances_results.json")
     steps = [
         Step("parts_world", ["tools/make_parts_world.py", "--contact-sheet", j("contact_sheet.png")],
              j("contact_sheet.png"), "generate the synthetic parts world + contact sheet"),
@@ -43,7 +48,7 @@ def build_demo_steps(out, num_gpus=0):
         steps.append(Step(
             name,
             ["tools/mine_parts.py", "--config-file", f"{CFG}/mine_parts.yaml", *launch,
-             "MINING.DATASETS", f"('parts_world_{split}',)", *opts, "MINING.OUTPUT_DIR", j(name.replace("mine_", "mined_")),
+             "MINING.DATASETS", f"('parts_world_{split}',)", *mining_opts, *opts, "MINING.OUTPUT_DIR", j(name.replace("mine_", "mined_")),
              "OUTPUT_DIR", j(name.replace("mine_", "mined_"))],
             j(name.replace("mine_", "mined_"), "manifest.json"), text))
 
@@ -102,6 +107,8 @@ def build_demo_steps(out, num_gpus=0):
     order = ["parts_world", "instance_teacher", "mine_train", "mine_val", "eval_mined", "mine_val_pred",
              "eval_mined_pred", "proposal", "self_train", "ranking", "distill", "mine_train_clusters", "one_stage",
              *[f"eval_{s}_pred" for s in PREDICTED_OBJECT_EVALS], "overlays"]
+    if teacher_dir != j("instance_teacher"):
+        steps = [s for s in steps if s.name != "instance_teacher"]
     return sorted(steps, key=lambda s: order.index(s.name))
 
 

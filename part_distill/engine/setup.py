@@ -4,6 +4,8 @@ import logging
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..config import STAGES, add_part_distill_config
 from ..data.datasets.parts_world import register_parts_world_from_config
@@ -40,4 +42,6 @@ def setup(args):
     # Command-line runs honour PARTS_WORLD.* (library users register their own world instead).
     register_parts_world_from_config(cfg)
     default_setup(cfg, args)
+    # default_setup configures detectron2's and fvcore's loggers only; ours log stage decisions too.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="part_distill", abbrev_name="pd")
     return cfg

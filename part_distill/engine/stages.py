@@ -146,11 +146,37 @@ def run_distill(cfg, resume=True):
     return info.get("eval") or _evaluate(cfg, _final_model(cfg, info["checkpoint"]))
 
 
+def run_one_stage_baseline(cfg, resume=True):
+    """The one-stage self-training baseline (part_distill/engine/one_stage.py)."""
+    from .one_stage import run_one_stage
+
+    _check_part_model(cfg, "one_stage")
+    info = run_one_stage(cfg, resume=resume)
+    return info.get("eval") or _evaluate(cfg, _final_model(cfg, info["checkpoint"]))
+
+
+def run_supervised_stage(cfg, resume=True):
+    """Few-shot fine-tuning of the part decoder on real part labels (part_distill/engine/supervised.py)."""
+    from .supervised import run_supervised
+
+    return run_supervised(cfg, resume=resume)
+
+
+def run_particle_stage(cfg, resume=True):
+    """PARTICLE backbone adaptation (part_distill/particle/stage.py)."""
+    from ..particle.stage import run_particle
+
+    return run_particle(cfg, resume=resume)
+
+
 STAGE_RUNNERS = {
     "proposal": run_proposal,
     "self_train": run_self_train,
     "ranking": run_ranking_stage,
     "distill": run_distill,
+    "one_stage": run_one_stage_baseline,
+    "supervised": run_supervised_stage,
+    "particle": run_particle_stage,
 }
 
 

@@ -13,6 +13,10 @@ highest-scoring predicted part of its object; uncovered pixels are "none").
    part id); ``hungarian`` maps one-to-one maximising total overlap (scipy's linear_sum_assignment).
    Labels with no overlap with any labelled GT part, and labels never seen on the match split
    ("a cluster never matched"), stay unassociated, and so do "none" pixels.
+   ``identity`` is for supervised heads whose ``pred_clusters`` already are GT part class ids (the
+   few-shot stage): ``(object_class, p)`` maps to part ``p`` when ``p`` is one of the object class's
+   part classes (any ``p >= 0`` when the metadata lists none). Nothing is fitted, so there is no
+   match split: every image is evaluated (``separate_split = 1``).
 3. IoU on the eval split, per object class c and part class p of c:
    ``TP / (TP + FP + FN)`` where a pixel is predicted p when its label is associated with p;
    unassociated pixels are wrong for every GT part. Part classes with empty union are skipped.
@@ -36,7 +40,9 @@ from .pixel_labels import OBJ_CLASS, class_contingency, count_unclustered, objec
 from .predictions import assign_to_objects
 
 logger = logging.getLogger(__name__)
-ASSOCIATIONS = ("majority", "hungarian")
+ASSOCIATIONS = ("majority", "hungarian", "identity")
+# Split description of the identity association (nothing fitted, so nothing is held out).
+IDENTITY_SPLIT = "identity association: predicted part class = cluster id, no match split (all images evaluated)"
 
 
 def in_match_split(image_id, fraction, seed=0):
@@ -45,10 +51,16 @@ def in_match_split(image_id, fraction, seed=0):
     return int.from_bytes(digest[:8], "little") / 2.0 ** 64 < fraction
 
 
-def associate(table, pred_labels, gt_labels, method="majority"):
-    """{pred label: GT part id} from a match-split contingency table (GT label -1 never a target)."""
+def associate(table, pred_labels, gt_labels, method="majority", part_ids=None):
+    """{pred label: GT part id} from a match-split contingency table (GT label -1 never a target).
+
+    ``part_ids``: the object class's part classes, read by ``identity`` only (None = no restriction).
+    """
     if method not in ASSOCIATIONS:
         raise ValueError(f"unknown TEST.PARTS.ASSOCIATION {method!r}; expected one of {ASSOCIATIONS}")
+    if method == "identity":
+        allowed = None if part_ids is None else set(part_ids)
+        return {p: p[1] for p in pred_labels if p[1] >= 0 and (allowed is None or p[1] in allowed)}
     cols = [j for j, g in enumerate(gt_labels) if g >= 0]
     rows = [i for i, p in enumerate(pred_labels) if p[1] >= 0]  # (-1, -1) is "none"
     if not cols or not rows:
@@ -139,7 +151,8 @@ class PartMIoUEvaluator(PartEvaluatorBase):
             "(optimistic).")
 
     def _compute(self, records):
-        match, evals, separate, how = self._split(records)
+        identity = self._association == "identity"
+        match, evals, separate, how = (records, records, True, IDENTITY_SPLIT) if identity else self._split(records)
         stack = lambda rs: np.concatenate([r["rows"] for r in rs]) if rs else np.zeros((0, 5), np.int64)  # noqa
         eval_rows = stack(evals)
         if match is None:
@@ -149,7 +162,8 @@ class PartMIoUEvaluator(PartEvaluatorBase):
             mapping = {}
             for c in np.unique(match_rows[:, OBJ_CLASS]):
                 mapping[int(c)] = associate(*class_contingency(match_rows[match_rows[:, OBJ_CLASS] == c]),
-                                            method=self._association)
+                                            method=self._association,
+                                            part_ids=self._gt.object_part_classes.get(int(c)))
             if self._output_dir:
                 atomic_write_json(f"{self._output_dir}/parts_association.json", {
                     "association": self._association, "dataset": self._dataset_name, "split": how,
