@@ -86,3 +86,41 @@ def test_report_collects_stage_metrics_and_updates_readme(tmp_path):
     assert new.startswith("intro\n") and new.endswith("outro\n") and "old" not in new and "| 40.0 |" in new
     assert (out / "report.html").exists() and (out / "ar_vs_k.png").exists()
     assert not update_readme(str(tmp_path / "missing.md"), "x")
+
+
+def test_demo_steps_reuse_a_teacher_and_pass_mining_options():
+    steps = {s.name: s for s in build_demo_steps("OUT2", teacher_dir="T", mining_opts=("MODEL.WEIGHTS", "P.pth"))}
+    assert "instance_teacher" not in steps
+    w = lambda s: steps[s].argv[steps[s].argv.index("MODEL.WEIGHTS") + 1]  # noqa: E731
+    assert w("proposal") == os.path.join("T", "model_final.pth") and w("mine_train") == "P.pth"
+    assert steps["mine_train"].done_file == os.path.join("OUT2", "mined_train", "manifest.json")
+
+
+def test_part_awareness_table_joins_probes_and_pipelines(tmp_path):
+    from part_distill.engine.part_awareness_lab import (IMAGENET_LABEL, build_lab_steps, particle_label,
+                                                        write_lab_table)
+    from part_distill.probes.report import write_report
+
+    out, demo = tmp_path / "lab", tmp_path / "demo"
+    steps = {s.name: s for s in build_lab_steps(str(out), str(demo), iterations=2)}
+    last = os.path.join(str(out), "particle", "iter_1", "model_final.pth")
+    assert steps["particle_mine_train"].argv[steps["particle_mine_train"].argv.index("MODEL.WEIGHTS") + 1] == last
+    assert steps["particle_proposal"].argv[steps["particle_proposal"].argv.index("MODEL.WEIGHTS") + 1] == \
+        os.path.join(str(demo), "instance_teacher", "model_final.pth")
+    assert f"{particle_label(0)}={os.path.join(str(out), 'particle', 'iter_0', 'model_final.pth')}" in \
+        steps["probes"].argv
+    (out / "probes").mkdir(parents=True)
+    write_report(str(out / "probes"), [
+        {"label": IMAGENET_LABEL, "AR@1": 2.5, "AR@10": 16.0, "linear_mIoU": 30.0, "retrieval_mAP": 20.0},
+        {"label": particle_label(1), "AR@1": 3.0, "AR@10": 18.0, "linear_mIoU": 31.0, "retrieval_mAP": 22.0}])
+    for base, ar, miou in ((demo, 16.1, 21.8), (out / "pipeline_particle", 18.2, 23.0)):
+        (base / "eval" / "mined").mkdir(parents=True)
+        (base / "eval" / "mined" / "eval_results.json").write_text(json.dumps({"parts_ar": {"AR@10-gtobj_union": ar}}))
+        (base / "distill").mkdir(parents=True)
+        (base / "distill" / "eval_results.json").write_text(json.dumps(
+            {"parts_miou": {"mIoU": miou}, "parts_nmi_ari": {"NMI": 12.0, "ARI": 9.0}}))
+    text = write_lab_table(str(out), str(demo), iterations=2)
+    assert f"| {IMAGENET_LABEL} | 2.50 | 16.00 | 30.00 | 20.00 | 16.10 | 21.80 | 12.00 | 9.00 |" in text
+    # iteration 1 was not probed and has no pipeline run: dashes, not zeros
+    assert f"| {particle_label(0)} | — | — | — | — | — | — | — | — |" in text
+    assert f"| {particle_label(1)} | 3.00 | 18.00 | 31.00 | 22.00 | 18.20 | 23.00 | 12.00 | 9.00 |" in text

@@ -153,7 +153,8 @@ class PartDistillationModel(InstanceSegmentor):
             masks = F.interpolate(masks[None].float(), size=tuple(output_size), mode="nearest")[0] > 0.5
         return masks.bool(), inst.gt_classes
 
-    def inference_one(self, b, x, images, obj_out, part_out):
+    def owners_and_part_masks(self, b, x, images, obj_out, part_out):
+        """(D^o's objects, owner masks, owner classes, part mask logits at output size) of image b."""
         objects = self.objects_of(obj_out, b, images, x)
         image_size = images.image_sizes[b]
         output_size = self.output_size(x, image_size)
@@ -163,6 +164,10 @@ class PartDistillationModel(InstanceSegmentor):
             owner_masks, owner_classes = objects.pred_masks, objects.pred_classes
         part_masks = masks_to_output(part_out["pred_masks"][b], images.tensor.shape[-2:], image_size,
                                      output_size)
+        return objects, owner_masks, owner_classes, part_masks
+
+    def inference_one(self, b, x, images, obj_out, part_out):
+        objects, owner_masks, owner_classes, part_masks = self.owners_and_part_masks(b, x, images, obj_out, part_out)
         rerank = self.uses_ranker(part_out["pred_logits"].shape[-1] - 1)
         parts = part_inference(
             part_out["pred_logits"][b], part_masks, owner_masks, owner_classes,

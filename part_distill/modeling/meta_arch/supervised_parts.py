@@ -12,7 +12,7 @@ from detectron2.structures import Instances
 
 from ..criterion import SetCriterion
 from .part_distillation import PartDistillationModel
-from .postprocess import assign_parts_to_objects, mask_quality, masks_to_output
+from .postprocess import assign_parts_to_objects, mask_quality
 
 __all__ = ["SupervisedPartModel", "category_part_inference"]
 
@@ -64,15 +64,7 @@ class SupervisedPartModel(PartDistillationModel):
         return ret
 
     def inference_one(self, b, x, images, obj_out, part_out):
-        objects = self.objects_of(obj_out, b, images, x)
-        image_size = images.image_sizes[b]
-        output_size = self.output_size(x, image_size)
-        if self.objects == "gt":
-            owner_masks, owner_classes = self.gt_objects(x, output_size)
-        else:
-            owner_masks, owner_classes = objects.pred_masks, objects.pred_classes
-        part_masks = masks_to_output(part_out["pred_masks"][b], images.tensor.shape[-2:], image_size,
-                                     output_size)
+        objects, owner_masks, owner_classes, part_masks = self.owners_and_part_masks(b, x, images, obj_out, part_out)
         parts = category_part_inference(
             part_out["pred_logits"][b], part_masks, owner_masks, owner_classes,
             features=part_out["query_features"][b] if self.return_features else None,
