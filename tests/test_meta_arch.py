@@ -233,3 +233,18 @@ def test_gt_objects_missing_is_a_clear_error():
     del x["instances"]
     with pytest.raises(KeyError, match="keep_annotations"), torch.no_grad():
         model([x])
+
+
+def test_part_inference_with_no_objects_leaves_every_part_unowned():
+    # An image where no predicted object passes the score threshold: parts stay, owned by nobody.
+    from part_distill.modeling.meta_arch.postprocess import part_inference
+
+    torch.manual_seed(0)
+    mask_logits = torch.randn(3, 8, 8)
+    no_masks, no_classes = torch.zeros(0, 8, 8, dtype=torch.bool), torch.zeros(0, dtype=torch.long)
+    for num_classes in (1, 2 * 4):
+        parts = part_inference(torch.randn(3, num_classes + 1), mask_logits, no_masks, no_classes,
+                               clusters_per_class=4)
+        assert len(parts) == 3
+        assert parts.object_index.tolist() == [-1, -1, -1] and parts.object_classes.tolist() == [-1, -1, -1]
+        assert parts.pred_clusters.tolist() == [-1, -1, -1]

@@ -14,6 +14,7 @@ __all__ = [
     "assign_parts_to_objects",
     "instance_inference",
     "part_inference",
+    "owner_classes",
 ]
 
 
@@ -59,6 +60,13 @@ def assign_parts_to_objects(part_masks, object_masks):
     iou = pairwise_mask_iou(part_masks, object_masks)
     best, index = iou.max(dim=1)
     return torch.where(best > 0, index, torch.full_like(index, -1)), best
+
+
+def owner_classes(owner, object_classes):
+    """Class of each part's owner object (Long[N]), -1 for unowned parts; safe when there are no objects."""
+    if object_classes.numel() == 0:
+        return torch.full_like(owner, -1)
+    return torch.where(owner >= 0, object_classes.to(owner.device)[owner.clamp(min=0)], torch.full_like(owner, -1))
 
 
 def _boxes_of(masks):
@@ -112,8 +120,7 @@ def part_inference(class_logits, mask_logits, object_masks, object_classes, *, f
     binary = mask_logits > 0
     owner, _ = assign_parts_to_objects(binary, object_masks)
     owned = owner >= 0
-    owner_class = torch.where(owned, object_classes.to(owner.device)[owner.clamp(min=0)],
-                              torch.full_like(owner, -1))
+    owner_class = owner_classes(owner, object_classes)
     num_classes = class_logits.shape[1] - 1
     logits = class_logits.float()
     if num_classes == 1:

@@ -12,7 +12,7 @@ from detectron2.structures import Instances
 
 from ..criterion import SetCriterion
 from .part_distillation import PartDistillationModel
-from .postprocess import assign_parts_to_objects, mask_quality
+from .postprocess import assign_parts_to_objects, mask_quality, owner_classes
 
 __all__ = ["SupervisedPartModel", "category_part_inference"]
 
@@ -30,8 +30,7 @@ def category_part_inference(class_logits, mask_logits, object_masks, object_clas
     """
     binary = mask_logits > 0
     owner, _ = assign_parts_to_objects(binary, object_masks)
-    owner_class = torch.where(owner >= 0, object_classes.to(owner.device)[owner.clamp(min=0)],
-                              torch.full_like(owner, -1))
+    owner_class = owner_classes(owner, object_classes)
     part_prob, category = class_logits.float().softmax(-1)[:, :-1].max(1)
     scores = part_prob * mask_quality(mask_logits, binary)
     order = scores.argsort(descending=True)
