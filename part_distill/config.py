@@ -25,7 +25,6 @@ def add_part_distill_config(cfg):
     _add_mining_config(cfg)
     _add_training_config(cfg)
     _add_eval_config(cfg)
-    _add_supervised_config(cfg)
     _add_particle_config(cfg)
     _add_probe_config(cfg)
     return cfg
@@ -428,11 +427,6 @@ def _add_eval_config(cfg):
     cfg.TEST.PARTS.MATCH_SPLIT_SEED = 0
     # Association json written by a run on another dataset; when set, every image here is evaluated.
     cfg.TEST.PARTS.ASSOCIATION_FILE = ""
-
-
-# ---------------------------------------------------------------- few-shot supervised stage (part_distill/engine/supervised.py)
-def _add_supervised_config(cfg):
-    pass
 
 
 # ---------------------------------------------------------------- PARTICLE + SelfPatch (part_distill/particle)
