@@ -124,3 +124,12 @@ def test_part_awareness_table_joins_probes_and_pipelines(tmp_path):
     # iteration 1 was not probed and has no pipeline run: dashes, not zeros
     assert f"| {particle_label(0)} | — | — | — | — | — | — | — | — |" in text
     assert f"| {particle_label(1)} | 3.00 | 18.00 | 31.00 | 22.00 | 18.20 | 23.00 | 12.00 | 9.00 |" in text
+
+
+def test_per_class_plot_reads_gt_object_metrics_only(tmp_path, monkeypatch):
+    from part_distill.engine import demo
+
+    seen = {}
+    monkeypatch.setattr("matplotlib.axes.Axes.bar", lambda self, x, y, **k: seen.update(zip(x, y)))
+    demo._plot_class_miou("m", {"mIoU-car": 10.0, "mIoU-car-pred": 3.0, "mIoU": 5.0}, str(tmp_path / "c.png"))
+    assert seen == {"car": 10.0}

@@ -218,7 +218,8 @@ def _plot_class_miou(label, m, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per_class = {k[len("mIoU-"):]: v for k, v in m.items() if k.startswith("mIoU-")}
+    # GT-object evaluation only (the "-pred" twins are the predicted-object run of the same model).
+    per_class = {k[len("mIoU-"):]: v for k, v in m.items() if k.startswith("mIoU-") and not k.endswith("-pred")}
     if not per_class:
         return False
     fig, ax = plt.subplots(figsize=(5.5, 3.0), dpi=100)
