@@ -10,9 +10,9 @@ previous student's own slot head (``OUTPUT_DIR/round_<r>``), as stage 4 does aft
 import logging
 import os
 
-from ..data.pseudo_labels import PART_LABEL_KEY, PseudoLabelFilters, check_cluster_store, register_pseudo_labels
+from ..data.pseudo_labels import PseudoLabelFilters, check_cluster_store, register_pseudo_labels
 from ..mining.store import read_manifest
-from .self_training import run_rounds, with_overrides
+from .self_training import check_slot_head, run_rounds, with_overrides
 from .trainer import PartDistillTrainer
 
 __all__ = ["run_one_stage"]
@@ -20,14 +20,9 @@ __all__ = ["run_one_stage"]
 logger = logging.getLogger(__name__)
 
 
-def _check(cfg):
-    pd = cfg.MODEL.PART_DISTILL
-    k, num_objects = pd.CLUSTERS_PER_CLASS, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-    if pd.NUM_PART_CLASSES != num_objects * k:
-        raise ValueError(f"stage 'one_stage' needs MODEL.PART_DISTILL.NUM_PART_CLASSES = SEM_SEG_HEAD.NUM_CLASSES x "
-                         f"CLUSTERS_PER_CLASS = {num_objects * k}, got {pd.NUM_PART_CLASSES}")
-    if cfg.INPUT.PART_CLASS_KEY != PART_LABEL_KEY:
-        raise ValueError(f"stage 'one_stage' trains on cluster slots: set INPUT.PART_CLASS_KEY {PART_LABEL_KEY!r}")
+def _mined_clusters(cfg):
+    """(manifest path, manifest, k) of the dataset-level store the baseline trains on; checks the config."""
+    k = check_slot_head(cfg, "one_stage")
     path = cfg.PART_DISTILL.PSEUDO_LABELS.MANIFEST
     if not path:
         raise ValueError("stage 'one_stage' needs PART_DISTILL.PSEUDO_LABELS.MANIFEST: a store mined by "
@@ -37,9 +32,8 @@ def _check(cfg):
     return path, manifest, k
 
 
-def train_initial(cfg, resume=True):
-    """The slot-head student on the dataset-level clusters; returns its final checkpoint."""
-    path, manifest, k = _check(cfg)
+def train_initial(cfg, path, manifest, k, resume=True):
+    """The slot-head student on the dataset-level clusters of the store ``path``; returns its final checkpoint."""
     name = register_pseudo_labels(f"mined_clusters_{manifest['config_hash']}_k{k}", path,
                                   PseudoLabelFilters.from_config(cfg), cluster_slots=k)
     init_dir = os.path.join(cfg.OUTPUT_DIR, "init")
@@ -62,8 +56,8 @@ def run_one_stage(cfg, resume=True):
     on DATASETS.TEST when it ran."""
     from .stages import SlotHeadLabeler  # the stage-4 labeler of rounds > 0, shared
 
-    _, _, k = _check(cfg)
-    init = train_initial(cfg, resume=resume)
+    path, manifest, k = _mined_clusters(cfg)
+    init = train_initial(cfg, path, manifest, k, resume=resume)
     rounds = cfg.PART_DISTILL.ONE_STAGE.ROUNDS
     if rounds == 0:
         return {"checkpoint": init, "eval": {}}

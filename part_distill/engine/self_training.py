@@ -31,7 +31,7 @@ from .part_labels import (PartLabelFilters, build_label_mapper, dataset_inputs, 
 from .trainer import PartDistillTrainer
 
 __all__ = ["ModelEMA", "EMAHook", "run_rounds", "round_dir", "with_overrides", "PART_LABEL_KEY",
-           "load_labelled_parts", "register_labelled_parts"]
+           "load_labelled_parts", "register_labelled_parts", "check_slot_head"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,18 @@ def with_overrides(cfg, **overrides):
         node[leaf] = value
     out.freeze()
     return out
+
+
+def check_slot_head(cfg, stage):
+    """k of a stage that trains the cluster-slot head (NUM_OBJECT_CLASSES x k classes on PART_LABEL_KEY)."""
+    pd = cfg.MODEL.PART_DISTILL
+    k, num_objects = pd.CLUSTERS_PER_CLASS, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    if pd.NUM_PART_CLASSES != num_objects * k:
+        raise ValueError(f"stage {stage!r} needs MODEL.PART_DISTILL.NUM_PART_CLASSES = SEM_SEG_HEAD.NUM_CLASSES x "
+                         f"CLUSTERS_PER_CLASS = {num_objects * k}, got {pd.NUM_PART_CLASSES}")
+    if cfg.INPUT.PART_CLASS_KEY != PART_LABEL_KEY:
+        raise ValueError(f"stage {stage!r} trains on cluster slots: set INPUT.PART_CLASS_KEY {PART_LABEL_KEY!r}")
+    return k
 
 
 def round_dir(cfg, r):

@@ -19,7 +19,7 @@ from ..data.pseudo_labels import PseudoLabelFilters, register_pseudo_labels
 from ..mining.store import read_manifest
 from ..utils.io import atomic_write_json
 from .ranking_stage import run_ranking
-from .self_training import PART_LABEL_KEY, run_rounds, with_overrides
+from .self_training import check_slot_head, run_rounds, with_overrides
 from .trainer import PartDistillTrainer
 
 __all__ = ["STAGE_RUNNERS", "run_stage", "run_proposal", "run_self_train", "run_ranking_stage", "run_distill",
@@ -122,13 +122,7 @@ class SlotHeadLabeler:
 def run_distill(cfg, resume=True):
     """Stage 4: PART_DISTILL.DISTILL.ROUNDS rounds with cluster-slot labels from the ranked MODEL.WEIGHTS."""
     _check_part_model(cfg, "distill")
-    pd = cfg.MODEL.PART_DISTILL
-    k, num_objects = pd.CLUSTERS_PER_CLASS, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-    if pd.NUM_PART_CLASSES != num_objects * k:
-        raise ValueError(f"stage 'distill' needs MODEL.PART_DISTILL.NUM_PART_CLASSES = SEM_SEG_HEAD.NUM_CLASSES x "
-                         f"CLUSTERS_PER_CLASS = {num_objects * k}, got {pd.NUM_PART_CLASSES}")
-    if cfg.INPUT.PART_CLASS_KEY != PART_LABEL_KEY:
-        raise ValueError(f"stage 'distill' trains on cluster slots: set INPUT.PART_CLASS_KEY {PART_LABEL_KEY!r}")
+    k = check_slot_head(cfg, "distill")
     ranked_cfg = with_overrides(cfg, **{"MODEL.PART_DISTILL.NUM_PART_CLASSES": 1})
 
     def teacher_cfg(r):

@@ -15,6 +15,7 @@ __all__ = [
     "instance_inference",
     "part_inference",
     "owner_classes",
+    "ranked_parts",
 ]
 
 
@@ -137,12 +138,17 @@ def part_inference(class_logits, mask_logits, object_masks, object_classes, *, f
         full_prob = logits.softmax(-1)[:, :-1].max(1).values
         part_prob = torch.where(owned, sliced_prob, full_prob)
         clusters = torch.where(owned, clusters, torch.full_like(clusters, -1))
-    scores = part_prob * mask_quality(mask_logits, binary)
+    return ranked_parts(binary, part_prob * mask_quality(mask_logits, binary), clusters, owner, owner_class,
+                        features=features, score_thresh=score_thresh, top_k=top_k)
+
+
+def ranked_parts(binary, scores, clusters, owner, owner_class, *, features=None, score_thresh=0.0, top_k=0):
+    """Instances of the parts scoring >= ``score_thresh``, best first, at most ``top_k`` (0 = all)."""
     order = scores.argsort(descending=True)
     order = order[scores[order] >= score_thresh]
     if top_k > 0:
         order = order[:top_k]
-    result = Instances(tuple(mask_logits.shape[-2:]))
+    result = Instances(tuple(binary.shape[-2:]))
     result.pred_masks = binary[order]
     result.scores = scores[order]
     result.pred_clusters = clusters[order]

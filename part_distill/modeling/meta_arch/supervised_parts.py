@@ -6,13 +6,11 @@ plain set criterion (no per-object slots), and each predicted part's ``pred_clus
 predicted part category, so the mIoU evaluator compares it with the GT part class directly
 (``TEST.PARTS.ASSOCIATION identity``).
 """
-import torch
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.structures import Instances
 
 from ..criterion import SetCriterion
 from .part_distillation import PartDistillationModel
-from .postprocess import assign_parts_to_objects, mask_quality, owner_classes
+from .postprocess import assign_parts_to_objects, mask_quality, owner_classes, ranked_parts
 
 __all__ = ["SupervisedPartModel", "category_part_inference"]
 
@@ -32,20 +30,8 @@ def category_part_inference(class_logits, mask_logits, object_masks, object_clas
     owner, _ = assign_parts_to_objects(binary, object_masks)
     owner_class = owner_classes(owner, object_classes)
     part_prob, category = class_logits.float().softmax(-1)[:, :-1].max(1)
-    scores = part_prob * mask_quality(mask_logits, binary)
-    order = scores.argsort(descending=True)
-    order = order[scores[order] >= score_thresh]
-    if top_k > 0:
-        order = order[:top_k]
-    result = Instances(tuple(mask_logits.shape[-2:]))
-    result.pred_masks = binary[order]
-    result.scores = scores[order]
-    result.pred_clusters = category[order]
-    result.object_index = owner[order]
-    result.object_classes = owner_class[order]
-    if features is not None:
-        result.pred_features = features[order].float()
-    return result
+    return ranked_parts(binary, part_prob * mask_quality(mask_logits, binary), category, owner, owner_class,
+                        features=features, score_thresh=score_thresh, top_k=top_k)
 
 
 @META_ARCH_REGISTRY.register()
