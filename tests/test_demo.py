@@ -1,11 +1,14 @@
 """tools/demo.py logic: overlays checked pixel-wise against the saved part masks, skips, records."""
 import json
+import os
+import shutil
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
+from part_distill.data.contact_sheet import _legend
 from part_distill.utils.masks import decode_rle, encode_rle
 from detectron2.structures import Instances
 
@@ -142,3 +145,42 @@ def test_overlay_of_known_parts_pixelwise():
     outline = obj & ~cv2.erode(obj.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     outline &= ~label
     assert (out[:h][outline & ~p0 & ~p1] == 255).all()  # white object outline
+
+
+def test_image_without_confident_parts_gets_overlay_and_record(predictor, tmp_path):
+    h, w = 48, 256  # wide enough for the whole legend title to be drawn
+    image = np.random.default_rng(2).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "wide.png"), image)
+    # Part scores are probabilities, so none reaches 1.01: the final model unsure of every part.
+    out = run_demo(predictor.cfg, [str(tmp_path / "wide.png")], str(tmp_path / "out"), objects="whole-image",
+                   confidence_threshold=1.01, thing_classes=THINGS, predictor=predictor)
+    assert out["written"] == [str(tmp_path / "out" / "wide.png")] and out["skipped"] == {}
+    overlay = cv2.imread(out["written"][0])
+    # no part, hence no owner outline either: the image rows are the dimmed image
+    assert np.abs(overlay[:h].astype(int) - (image * 0.3).astype(int)).max() <= 1
+    np.testing.assert_array_equal(overlay[h:], _legend(w, [], "no part with score >= 1.01"))
+    records, things = load_prediction_records(out["predictions"])
+    assert things == THINGS and [(r["file_name"], r["parts"]) for r in records] == [(str(tmp_path / "wide.png"), [])]
+
+
+def test_folder_input_is_its_sorted_images(images, predictor, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for src, name in (("b.png", "b.png"), ("a.png", "a.png"), ("a.png", "C.PNG"), ("a.png", "sub/d.png")):
+        shutil.copy(images / src, folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    inputs = [str(folder), str(tmp_path / "empty"), str(tmp_path / "missing.png")]
+    out = run_demo(predictor.cfg, inputs, str(tmp_path / "out"), objects="whole-image", confidence_threshold=0.0,
+                   predictor=predictor)
+    # not recursive, image extensions only (any case), sorted by name
+    assert [os.path.basename(p) for p in out["written"]] == ["C.png", "a.png", "b.png"]
+    records, _ = load_prediction_records(out["predictions"])
+    assert [r["file_name"] for r in records] == [str(folder / n) for n in ("C.PNG", "a.png", "b.png")]
+    assert out["skipped"] == {"folder_without_images": 1, "missing_input": 1}
+    # inputs naming no image at all are a command-line error, before any model is built
+    with pytest.raises(SystemExit) as exit_:
+        demo_main(["--input", str(tmp_path / "empty"), str(tmp_path / "missing.png"), "--output",
+                   str(tmp_path / "out2"), "--objects", "whole-image", *tiny_part_opts()], register_world=False)
+    assert exit_.value.code == 2 and "no image file found" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()

@@ -1,4 +1,5 @@
 """The stage driver skips finished steps and stops on failure; the demo report reads every stage."""
+import importlib.util
 import json
 import os
 import sys
@@ -22,9 +23,11 @@ def test_run_steps_skips_done_and_resumes_after_failure(tmp_path):
     steps = [Step("a", [ok, str(counter), str(tmp_path / "a.done")], str(tmp_path / "a.done")),
              Step("b", [bad], str(tmp_path / "b.done")),
              Step("c", [ok, str(counter), str(tmp_path / "c.done")], str(tmp_path / "c.done"))]
-    with pytest.raises(StepFailed, match="boom"):
+    with pytest.raises(StepFailed, match="boom") as failure:
         run_steps(steps, str(tmp_path / "logs"), echo=lambda *_: None)
     assert counter.read_text() == "x"  # a ran, c never started
+    assert failure.value.step == "b" and list(failure.value.timings) == ["a"]
+    assert failure.value.log_path == str(tmp_path / "logs" / "b.log")
     steps[1] = Step("b", [ok, str(counter), str(tmp_path / "b.done")], str(tmp_path / "b.done"))
     timings = run_steps(steps, str(tmp_path / "logs"), echo=lambda *_: None)
     assert timings["a"] == "skipped" and timings["b"] != "skipped" and timings["c"] != "skipped"
@@ -133,3 +136,47 @@ def test_per_class_plot_reads_gt_object_metrics_only(tmp_path, monkeypatch):
     monkeypatch.setattr("matplotlib.axes.Axes.bar", lambda self, x, y, **k: seen.update(zip(x, y)))
     demo._plot_class_miou("m", {"mIoU-car": 10.0, "mIoU-car-pred": 3.0, "mIoU": 5.0}, str(tmp_path / "c.png"))
     assert seen == {"car": 10.0}
+
+
+def _load_tool(name):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_failed_demo_run_reports_finished_steps_then_resumes(tmp_path, monkeypatch):
+    run_demo = _load_tool("run_demo")
+    out, counter = tmp_path / "demo", tmp_path / "count.txt"
+    distill = out / "distill" / "eval_results.json"
+    metrics = {"parts_ar": {"AR@200-gtobj_union": 50.0}, "parts_miou": {"mIoU": 25.0}}
+    write = _script(tmp_path, "write.py", "import os, sys\nopen(sys.argv[1], 'a').write('x')\n"
+                    "os.makedirs(os.path.dirname(sys.argv[2]), exist_ok=True)\n"
+                    "open(sys.argv[2], 'w').write(sys.argv[3])\n")
+    bad = _script(tmp_path, "bad.py", "import sys\nprint('boom'); sys.exit(3)\n")
+    predictions = out / "overlays" / "predictions.json"
+    steps = [Step("distill", [write, str(counter), str(distill), json.dumps(metrics)], str(distill)),
+             Step("overlays", [bad], str(predictions))]
+    monkeypatch.setattr(run_demo, "build_demo_steps", lambda output, num_gpus=0: steps)
+    monkeypatch.chdir(tmp_path)  # the driver writes the results block of ./README.md
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- demo-results:start -->\nold\n<!-- demo-results:end -->\n")
+    with pytest.raises(SystemExit) as exit_:
+        run_demo.main(["--output", str(out)])
+    assert "step overlays failed" in str(exit_.value.code)  # sys.exit(message): exit status 1
+    row = "| final distillation (stage 4) | n/a | n/a | 50.0 | 25.0 | n/a | n/a |"
+    failed = f"step overlays failed (log: {out / 'logs' / 'overlays.log'})"
+    results = (out / "results.md").read_text()
+    assert row in results and failed in results.splitlines()[2]
+    report = (out / "report.html").read_text()
+    assert "<td>final distillation (stage 4)</td><td>n/a</td><td>n/a</td><td>50.0</td><td>25.0</td>" in report
+    assert failed in report and report.index(failed) < report.index("final distillation")
+    assert "old" in readme.read_text()  # a partial table never replaces the README's
+    # the re-run skips the finished step and runs the failed one
+    steps[1] = Step("overlays", [write, str(counter), str(predictions), "{}"], str(predictions))
+    run_demo.main(["--output", str(out)])
+    assert counter.read_text() == "xx"
+    results = (out / "results.md").read_text()
+    assert row in results and "failed" not in results
+    assert "old" not in readme.read_text() and row in readme.read_text()

@@ -4,9 +4,12 @@
   python tools/demo.py --config-file configs/parts_world/distill.yaml --input 'photos/*.jpg' \
       --output output/demo_overlays --objects whole-image MODEL.DEVICE cpu
 
---objects predicted (the model's own objects) | whole-image (the image is one object) |
-gt (--dataset NAME or --gt-json COCO.json). Writes <stem>.png per image and predictions.json
-(part_distill/visualization/records.py format); unreadable files are reported and skipped.
+--input takes image files, globs and folders (a folder: the image files directly inside, sorted
+by name). --objects predicted (the model's own objects) | whole-image (the image is one object) |
+gt (--dataset NAME or --gt-json COCO.json). Writes <stem>.png per image (also for an image with no
+part above --confidence-threshold, which its legend says) and predictions.json
+(part_distill/visualization/records.py format); unreadable files, missing paths and folders without
+images are reported and skipped; inputs that name no image at all are an error (exit 2).
 """
 import logging
 

@@ -247,13 +247,16 @@ def _write_html(out, text_md, rows):
     figs.append("contact_sheet.png")
     body = ["<html><head><meta charset='utf-8'><title>part_distill demo</title>",
             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%;margin:8px 0}</style></head><body>"]
+            "td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%;margin:8px 0}"
+            ".failed{border:2px solid #c00;background:#fee;padding:8px}</style></head><body>"]
     for line in text_md.splitlines():
         if line.startswith("|") and "---" not in line:
             cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
             body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         elif line.startswith("# "):
             body.append(f"<h1>{html.escape(line[2:])}</h1><table>")
+        elif line.startswith("> "):
+            body.append(f"</table><p class='failed'>{html.escape(line[2:])}</p><table>")
         elif line.strip() and "---" not in line:
             body.append(f"</table><p>{html.escape(line)}</p><table>")
     body.append("</table>")
@@ -279,10 +282,17 @@ def update_readme(readme, text):
     return True
 
 
-def write_demo_report(out, timings=None, readme=None):
-    """Write <out>/results.md (metrics of every finished stage on parts_world_val_parts); return it."""
+def write_demo_report(out, timings=None, readme=None, failed=None):
+    """Write <out>/results.md and report.html (metrics of every finished stage on parts_world_val_parts); return it.
+
+    ``failed``: the ``pipeline.StepFailed`` that stopped the run, named (with its log) at the top of
+    both; ``readme`` is then left alone, since its block is meant to show a complete run.
+    """
     teacher = os.path.join(out, "instance_teacher", "eval_results.json")
     text = ["# part_distill demo results (parts_world_val_parts)", ""]
+    if failed is not None:
+        text += [f"> Incomplete run: step {failed.step} failed (log: {failed.log_path}). The rows below are "
+                 "the steps that finished; run the demo again to resume at the failed step.", ""]
     if os.path.exists(teacher):
         with open(teacher) as f:
             segm = json.load(f).get("segm", {})
@@ -299,7 +309,7 @@ def write_demo_report(out, timings=None, readme=None):
     with atomic_open(os.path.join(out, "results.md")) as f:
         f.write(text)
     _write_html(out, text, collect_results(out))
-    if readme:
+    if readme and failed is None:
         update_readme(readme, text.replace("# part_distill demo results", "Demo results").replace(
             "\n\n", "\n\n", 1))
     return text

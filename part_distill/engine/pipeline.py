@@ -21,7 +21,15 @@ __all__ = ["Step", "run_steps", "StepFailed"]
 
 
 class StepFailed(RuntimeError):
-    pass
+    """A step exited non-zero or without its result.
+
+    ``step``/``log_path`` name it and ``timings`` holds the steps before it (``run_steps``' format),
+    so a driver can still report the finished work before exiting.
+    """
+
+    def __init__(self, message, step, log_path, timings):
+        super().__init__(message)
+        self.step, self.log_path, self.timings = step, log_path, timings
 
 
 @dataclass
@@ -56,7 +64,7 @@ def run_steps(steps, log_dir, python=sys.executable, cwd=None, echo=print):
             tail = _tail(log_path)
             raise StepFailed(
                 f"step {step.name} failed (exit {proc.returncode}) after {elapsed:.0f}s; "
-                f"expected {step.done_file}. Last log lines:\n{tail}")
+                f"expected {step.done_file}. Last log lines:\n{tail}", step.name, log_path, timings)
         timings[step.name] = elapsed
         echo(f"{tag}: done in {elapsed:.0f}s")
     return timings

@@ -5,8 +5,11 @@ Per input image ``<stem>.png`` is written to the output directory: rows ``[0, H)
 outlined dark and objects outlined white (``contact_sheet``'s drawing), then a legend below
 listing, per object class, the cluster ids shown and their colours. Parts without a cluster
 (class-agnostic proposal models) are coloured one by one and listed as ``#i`` (rank in the image).
-All predictions above the confidence threshold go to ``predictions.json``
-(``visualization.records`` format). Unreadable inputs are counted and skipped.
+An image without a part above the confidence threshold still gets its overlay, with a legend that
+says so. All predictions above the threshold go to ``predictions.json`` (``visualization.records``
+format; an image without parts is a record with no parts). Inputs are files, globs or folders (the
+image files directly inside, sorted by name); unreadable files, missing paths and folders without
+images are counted and skipped, and inputs naming no image at all are an error.
 """
 import glob
 import logging
@@ -22,14 +25,17 @@ from ..utils.masks import decode_rle, encode_rle, polygons_to_mask
 from .predictor import PartPredictor, whole_image_objects
 from .records import prediction_record, save_prediction_records
 
-__all__ = ["part_colour", "select_parts", "draw_part_overlay", "expand_inputs", "GroundTruthObjects",
-           "run_demo", "build_demo_parser", "demo_main"]
+__all__ = ["part_colour", "select_parts", "draw_part_overlay", "expand_inputs", "NoInputImagesError",
+           "GroundTruthObjects", "run_demo", "build_demo_parser", "demo_main"]
 
 logger = logging.getLogger(__name__)
 
 OBJECT_OUTLINE = (255, 255, 255)   # BGR outline of every owner object
 PART_OUTLINE = (20, 20, 20)        # 1 px outline of every part
 _UNCLUSTERED_OFFSET = 0.41         # hue offset separating per-part colours from cluster colours
+# What a folder given as --input stands for (case-insensitive); other files there (a predictions.json,
+# notes) are not images and are left out rather than counted as unreadable.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def part_colour(object_class, cluster_id, clusters_per_class, num_classes, rank=0):
@@ -54,10 +60,11 @@ def _owner_objects(output, objects):
     return inst.pred_masks.cpu().numpy().astype(bool), inst.pred_classes.cpu().numpy()
 
 
-def draw_part_overlay(image_bgr, output, thing_classes, clusters_per_class, objects=None):
+def draw_part_overlay(image_bgr, output, thing_classes, clusters_per_class, objects=None, threshold=None):
     """BGR uint8 [H + legend, W, 3]: parts of ``output["parts"]`` over the image (see module doc).
 
     ``objects``: the (masks, classes) the model was given, when it ran with given owners.
+    ``threshold``: the score the parts were selected with, named by the legend of an image without parts.
     Parts are painted lowest score first, so where parts overlap the best one is on top.
     """
     parts = output["parts"]
@@ -80,8 +87,17 @@ def draw_part_overlay(image_bgr, output, thing_classes, clusters_per_class, obje
         if len(xs):
             _text(canvas, _class_name(int(owner_classes[o]), thing_classes),
                   (int(xs.min()), max(10, int(ys.min()) - 2)), 0.4)
-    legend = _legend_rows(width, classes, clusters, colours, thing_classes, masks.reshape(len(masks), -1).any(1))
-    return np.concatenate([canvas] + legend, 0) if legend else canvas
+    legend = _legend_rows(width, classes, clusters, colours, thing_classes, masks.any(axis=(1, 2)))
+    if not legend:
+        legend = [_legend(width, [], _no_part_title(len(masks), threshold))]
+    return np.concatenate([canvas] + legend, 0)
+
+
+def _no_part_title(num_parts, threshold):
+    """Legend of an overlay showing no part: an empty answer of the model, told apart from empty masks."""
+    if num_parts:
+        return f"{num_parts} part(s), all with empty masks"
+    return "no part above threshold" if threshold is None else f"no part with score >= {threshold:g}"
 
 
 def _class_name(c, thing_classes):
@@ -103,21 +119,40 @@ def _legend_rows(width, classes, clusters, colours, thing_classes, visible):
     return blocks
 
 
-def expand_inputs(patterns):
-    """Files named by ``patterns`` (paths or globs), in order, without duplicates.
+class NoInputImagesError(ValueError):
+    """The inputs of a demo run name no image file at all."""
 
-    A pattern matching nothing is kept as a path so that the run reports it as unreadable.
+
+def expand_inputs(patterns, skips=None):
+    """Files named by ``patterns`` (paths, globs or folders), in order, without duplicates.
+
+    A folder stands for its image files (``IMAGE_EXTENSIONS``, not recursive), sorted by name.
+    A pattern naming nothing is logged and counted in ``skips`` (a ``SkipCounter``): a missing path or
+    a glob matching nothing as ``missing_input``, a folder without images as ``folder_without_images``.
     """
-    files, seen = [], set()
+    skips = skips if skips is not None else SkipCounter("demo inputs")
+    files = []
     for p in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(p))) if glob.has_magic(p) else [p]
+        path = os.path.expanduser(p)
+        matches = sorted(glob.glob(path)) if glob.has_magic(p) else [path] if os.path.exists(path) else []
         if not matches:
             logger.warning(f"--input {p!r} matches no file")
+            skips.skip("missing_input", p)
         for m in matches:
-            if m not in seen:
-                seen.add(m)
+            if not os.path.isdir(m):
                 files.append(m)
-    return files
+                continue
+            images = _folder_images(m)
+            if not images:
+                logger.warning(f"--input {p!r}: folder {m} holds no image file ({' '.join(IMAGE_EXTENSIONS)})")
+                skips.skip("folder_without_images", m)
+            files += images
+    return list(dict.fromkeys(files))
+
+
+def _folder_images(folder):
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
 
 
 class GroundTruthObjects:
@@ -185,16 +220,21 @@ def run_demo(cfg, inputs, output_dir, *, objects="predicted", confidence_thresho
         whole_image_class: object class given to the whole-image object.
     Returns:
         dict: ``written`` (overlay paths), ``predictions`` (path), ``skipped`` (counts by reason).
+    Raises:
+        NoInputImagesError: ``inputs`` name no file at all (checked before the model is built).
     """
     if objects == "gt" and gt is None:
         raise ValueError("--objects gt needs ground-truth objects: pass --dataset NAME or --gt-json FILE")
+    skips = SkipCounter("demo")
+    files = expand_inputs(inputs, skips)
+    if not files:
+        raise NoInputImagesError(f"--input {' '.join(inputs)}: no image file found ({skips.summary()})")
     predictor = predictor or PartPredictor(cfg, objects=objects)
     thing_classes = list(thing_classes or [])
     clusters_per_class = cfg.MODEL.PART_DISTILL.CLUSTERS_PER_CLASS
-    skips = SkipCounter("demo")
     os.makedirs(output_dir, exist_ok=True)
     records, written, stems = [], [], set()
-    for path in expand_inputs(inputs):
+    for path in files:
         try:
             image = read_image(path, format="BGR")
         except UnreadableImageError as e:
@@ -212,7 +252,8 @@ def run_demo(cfg, inputs, output_dir, *, objects="predicted", confidence_thresho
                 continue
         output = predictor(image, objects=owners)
         output["parts"] = select_parts(output["parts"], confidence_threshold)
-        overlay = draw_part_overlay(image, output, thing_classes, clusters_per_class, objects=owners)
+        overlay = draw_part_overlay(image, output, thing_classes, clusters_per_class, objects=owners,
+                                    threshold=confidence_threshold)
         stem = _unique_stem(path, stems)
         target = os.path.join(output_dir, stem + ".png")
         ok, png = cv2.imencode(".png", overlay)
@@ -246,7 +287,8 @@ def build_demo_parser():
         epilog="Example: python tools/demo.py --config-file configs/parts_world/distill.yaml "
                "--input 'photos/*.jpg' --output out/demo --objects whole-image MODEL.DEVICE cpu")
     p.add_argument("--config-file", default="", metavar="FILE")
-    p.add_argument("--input", nargs="+", required=True, help="image files or globs")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="image files, globs or folders (a folder: the image files directly inside, sorted by name)")
     p.add_argument("--output", required=True, help="directory for <stem>.png overlays + predictions.json")
     p.add_argument("--objects", choices=("predicted", "gt", "whole-image"), default="predicted",
                    help="owners of the parts: the model's objects, ground truth, or the whole image")
@@ -269,7 +311,8 @@ def demo_main(argv=None, register_world=True):
     from ..data.datasets.parts_world import register_parts_world_from_config
     from ..engine.setup import build_cfg
 
-    args = build_demo_parser().parse_args(argv)
+    parser = build_demo_parser()
+    args = parser.parse_args(argv)
     cfg = build_cfg(args.config_file, args.opts)
     if register_world:
         register_parts_world_from_config(cfg)
@@ -281,9 +324,12 @@ def demo_main(argv=None, register_world=True):
             gt = GroundTruthObjects.from_dataset(args.dataset)
     names_from = args.dataset or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
     thing_classes = MetadataCatalog.get(names_from).get("thing_classes", None) if names_from else None
-    summary = run_demo(cfg, args.input, args.output, objects=args.objects,
-                       confidence_threshold=args.confidence_threshold, gt=gt,
-                       thing_classes=thing_classes, whole_image_class=args.whole_image_class)
+    try:
+        summary = run_demo(cfg, args.input, args.output, objects=args.objects,
+                           confidence_threshold=args.confidence_threshold, gt=gt,
+                           thing_classes=thing_classes, whole_image_class=args.whole_image_class)
+    except NoInputImagesError as e:
+        parser.error(str(e))
     skipped = sum(summary["skipped"].values())
     print(f"demo: wrote {len(summary['written'])} overlay(s) and {summary['predictions']}; "
           f"skipped {skipped}" + (f" {summary['skipped']}" if skipped else ""))
