@@ -219,8 +219,8 @@ def _add_model_config(cfg):
     cfg.MODEL.PART_DISTILL.NUM_PART_CLASSES = 1
     # Cluster slots per object class of the stage-4 head (paper Sec 4.3: k=8).
     cfg.MODEL.PART_DISTILL.CLUSTERS_PER_CLASS = 8
-    # Keep the encoder E (backbone + pixel decoder) fixed: no gradients, eval-mode norms (paper Sec 4.1).
-    cfg.MODEL.PART_DISTILL.FREEZE_ENCODER = True
+    # What stays fixed while D^p trains: encoder | reference | part_branch | none (meta_arch/part_distillation.py, docs/learning.md).
+    cfg.MODEL.PART_DISTILL.FREEZE = "part_branch"
     # Keep the instance decoder D^o fixed; when False it trains on "instances" targets if inputs carry them.
     cfg.MODEL.PART_DISTILL.FREEZE_INSTANCE_DECODER = True
     # Objects that parts are assigned to by Eq. 1: "predicted" (D^o) or "gt" (inputs' "instances").
@@ -234,6 +234,21 @@ def _add_model_config(cfg):
     cfg.MODEL.PART_DISTILL.TEST.PARTS_PER_IMAGE = 0
     # Return the decoded part query features f^p as parts.pred_features (needed by the ranker).
     cfg.MODEL.PART_DISTILL.TEST.RETURN_FEATURES = True
+    cfg.MODEL.PART_DISTILL.OBJECT_CROP = CN()
+    # D^p works on object-centric crops (train: each object of a batch; test: each owner object), modeling/object_crops.py.
+    cfg.MODEL.PART_DISTILL.OBJECT_CROP.ENABLED = False
+    # Side of the square crops in pixels (a multiple of MASK_FORMER.SIZE_DIVISIBILITY).
+    cfg.MODEL.PART_DISTILL.OBJECT_CROP.SIZE = 128
+    # Crop side = CONTEXT x the longer side of the object's box.
+    cfg.MODEL.PART_DISTILL.OBJECT_CROP.CONTEXT = 1.3
+    # Training: the side is also scaled by U(1 / SCALE_JITTER, SCALE_JITTER) ...
+    cfg.MODEL.PART_DISTILL.OBJECT_CROP.SCALE_JITTER = 1.25
+    # ... and the centre moved by U(-SHIFT_JITTER, SHIFT_JITTER) x side in x and y.
+    cfg.MODEL.PART_DISTILL.OBJECT_CROP.SHIFT_JITTER = 0.1
+    # Training: at most this many objects of each image are cropped per iteration (random ones; 0 = all).
+    cfg.MODEL.PART_DISTILL.OBJECT_CROP.MAX_PER_IMAGE = 0
+    # Inference: a crop's part masks are clipped to its owner object's mask (else only to the crop box).
+    cfg.MODEL.PART_DISTILL.OBJECT_CROP.CLIP_TO_OBJECT = True
     cfg.MODEL.PART_DISTILL.MASK_ADAPTER = CN()
     # Conv blocks of the trainable residual branch on the mask features D^p reads (0 = D^p reads E's as is).
     cfg.MODEL.PART_DISTILL.MASK_ADAPTER.NUM_CONVS = 0
@@ -382,6 +397,12 @@ def _add_training_config(cfg):
     pd.SELF_TRAIN.SHARD_SIZE = 64
     # Images per teacher forward pass.
     pd.SELF_TRAIN.BATCH_SIZE = 4
+    # GT part dataset of the labelled images ("" = none): each round's labels are evaluated on it (AR of the labels).
+    pd.SELF_TRAIN.LABEL_EVAL_DATASET = ""
+
+    pd.FIT = CN()
+    # Training images on which each part-training stage measures its fit to its own labels (0 = off).
+    pd.FIT.NUM_IMAGES = 16
 
     pd.RANKING = CN()
     # k-means sample weight of a candidate: "score_area" (s^p x area ratio), "score", "area" or "uniform".

@@ -122,15 +122,16 @@ def test_part_mask_adapter_starts_as_identity_and_learns():
 
 
 def test_adapter_keeps_instance_decoder_on_encoder_features(world):  # noqa: F811
-    cfg = tiny_cfg(world["tmp"] / "adapter", "MODEL.PART_DISTILL.MASK_ADAPTER.NUM_CONVS", "1",
+    cfg = tiny_cfg(world["tmp"] / "adapter", "MODEL.PART_DISTILL.FREEZE", "encoder",
+                   "MODEL.PART_DISTILL.MASK_ADAPTER.NUM_CONVS", "1",
                    "MODEL.PART_DISTILL.MASK_ADAPTER.SKIP_FEATURE", "res2")
     torch.manual_seed(0)
     model = PartDistillTrainer.build_model(cfg).eval()
     torch.nn.init.normal_(model.part_mask_adapter.out.weight)
     x = torch.randn(1, 3, 64, 64)
-    mask, _, part_mask = model.encode_for_parts(x)
+    feats = model.encode_for_parts(x)
     direct, _ = model.sem_seg_head.encode(model.backbone(x))
-    assert torch.equal(mask, direct) and not torch.allclose(part_mask, mask)
+    assert torch.equal(feats.mask_features, direct) and not torch.allclose(feats.part_mask_features, direct)
     model.train()
     assert model.part_mask_adapter.training and not model.backbone.training
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}

@@ -120,12 +120,15 @@ class InstanceLSJMapper:
         d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         annotations = d.pop("annotations", None)
         if self.keep_annotations and annotations is not None:
-            d[self.target_key] = self.targets(annotations, transforms, (d["height"], d["width"]),
-                                              image.shape[:2])
+            self.add_targets(d, annotations, transforms, image.shape[:2])
         return d
 
-    def targets(self, annotations, transforms, source_size, image_size):
-        """Instances(gt_masks BitMasks[n, h, w], gt_classes Long[n]) in the augmented frame.
+    def add_targets(self, d, annotations, transforms, image_size):
+        d[self.target_key] = self.targets(annotations, transforms, (d["height"], d["width"]), image_size)
+
+    def targets(self, annotations, transforms, source_size, image_size, id_key="", class_of=None):
+        """Instances(gt_masks BitMasks[n, h, w], gt_classes Long[n] [, object_ids Long[n] from each
+        annotation's ``id_key``]) in the augmented frame; classes by ``class_of`` (default annotation_class).
 
         Training drops crowd annotations and masks emptied by the crop (counted at debug level);
         testing keeps every annotation, so row i is annotation i (``object_index`` of "gt" objects).
@@ -134,7 +137,8 @@ class InstanceLSJMapper:
             annotations = [a for a in annotations if a.get("iscrowd", 0) == 0]
         masks = [transforms.apply_segmentation(annotation_mask(a["segmentation"], *source_size))
                  for a in annotations]
-        classes = [int(self.annotation_class(a)) for a in annotations]
+        class_of = class_of or self.annotation_class
+        classes = [int(class_of(a)) for a in annotations]
         instances = Instances(image_size)
         if masks:
             masks = torch.from_numpy(np.stack(masks)).bool()
@@ -146,6 +150,8 @@ class InstanceLSJMapper:
             logger.debug("dropped %d targets emptied by the augmentation", int((~keep).sum()))
         instances.gt_masks = BitMasks(masks[keep])
         instances.gt_classes = classes[keep]
+        if id_key:
+            instances.object_ids = torch.tensor([int(a[id_key]) for a in annotations], dtype=torch.int64)[keep]
         return instances
 
 
@@ -171,6 +177,18 @@ class PartTargetLSJMapper(InstanceLSJMapper):
         ret["keep_annotations"] = is_train
         ret["class_key"] = cfg.INPUT.PART_CLASS_KEY
         return ret
+
+    def add_targets(self, d, annotations, transforms, image_size):
+        """``"parts"`` and, when the dict lists its ``objects`` (part stores, *_parts targets), their
+        owners as ``"part_objects"`` (gt_masks, gt_classes, object_ids = each part's ``object_id``)."""
+        source_size = (d["height"], d["width"])
+        objects = d.pop("objects", None)
+        if objects is None:
+            d[self.target_key] = self.targets(annotations, transforms, source_size, image_size)
+            return
+        d[self.target_key] = self.targets(annotations, transforms, source_size, image_size, id_key="object_id")
+        d["part_objects"] = self.targets(objects, transforms, source_size, image_size, id_key="id",
+                                         class_of=lambda a: a["category_id"])
 
     def annotation_class(self, annotation):
         if not self.class_key:

@@ -1,7 +1,8 @@
 """Mined part pseudo-labels (the store of part_distill.mining) as detectron2 training datasets.
 
 Each image becomes a standard detectron2 dict whose ``annotations`` are its mined parts, all of the
-single class "part" (category_id 0), each keeping ``object_id`` / ``object_category_id``. Filters
+single class "part" (category_id 0), each keeping ``object_id`` / ``object_category_id``, and whose
+``objects`` are the owners of those parts (``id``, ``category_id``, RLE ``segmentation``). Filters
 (``cfg.DATASETS.PSEUDO_LABELS.*``) are applied here, at read time, so one store serves every
 setting: objects smaller than MIN_OBJECT_AREA_RATIO of the image lose all their parts, parts
 smaller than MIN_PART_AREA_RATIO or larger than MAX_PART_AREA_RATIO of their object are dropped.
@@ -91,8 +92,13 @@ def load_pseudo_labels(manifest_path, filters=PseudoLabelFilters(), cluster_slot
                 if cluster_slots:
                     ann[PART_LABEL_KEY] = int(p["object_category_id"]) * cluster_slots + p["id"] % PART_STRIDE
                 anns.append(ann)
+            # The owners of the kept parts: object-centric crops (MODEL.PART_DISTILL.OBJECT_CROP) and the
+            # fit diagnostic need them.
+            owner_ids = sorted({a["object_id"] for a in anns})
+            owners = [{"id": o, "category_id": objects[o]["category_id"], "segmentation": objects[o]["segmentation"],
+                       "bbox": objects[o]["bbox"], "bbox_mode": BoxMode.XYWH_ABS, "iscrowd": 0} for o in owner_ids]
             out.append({"file_name": img["file_name"], "height": img["height"], "width": img["width"],
-                        "image_id": img["id"], "annotations": anns})
+                        "image_id": img["id"], "annotations": anns, "objects": owners})
     logger.info("Pseudo-labels %s: %d images, %d parts kept, dropped %s (filters %s)",
                 root, len(out), kept, dropped, dict(filters._asdict()))
     return out

@@ -11,6 +11,8 @@ from .pipeline import Step
 
 CFG = "configs/parts_world"
 VAL_PARTS = "parts_world_val_parts"
+# GT parts of the training images: the AR of every training-label set (mined store, each round's labels).
+TRAIN_PARTS = "parts_world_train_parts"
 SELF_TRAIN_ROUNDS = 2
 # Cluster slots per object class (stage 3 and the one-stage baseline; paper: k=8).
 CLUSTERS = 8
@@ -59,35 +61,15 @@ def build_demo_steps(out, num_gpus=0, teacher_dir=None, mining_opts=()):
          "MINING.OBJECT_JSON_CONTIGUOUS", "True")
     mine("mine_train_clusters", "train", f"one-stage baseline: k={CLUSTERS} clusters per object class over the dataset",
          "MINING.LEVEL", "dataset", "MINING.NUM_CLUSTERS", str(CLUSTERS))
-    for name, store in (("eval_mined", "mined_val"), ("eval_mined_pred", "mined_val_pred")):
+    for name, store, dataset in (("eval_mined", "mined_val", VAL_PARTS), ("eval_mined_pred", "mined_val_pred", VAL_PARTS),
+                                 ("eval_mined_train", "mined_train", TRAIN_PARTS)):
         steps.append(Step(
             name,
-            ["tools/evaluate_parts.py", "--store", j(store), "--dataset", VAL_PARTS,
+            ["tools/evaluate_parts.py", "--store", j(store), "--dataset", dataset,
              "--output", j("eval", name[len("eval_"):])],
             j("eval", name[len("eval_"):], "eval_results.json"), f"evaluate the parts of {store} (no learning)"))
-    stage_opts = {
-        "proposal": ["MODEL.WEIGHTS", teacher,
-                     "PART_DISTILL.PSEUDO_LABELS.MANIFEST", j("mined_train", "manifest.json")],
-        "self_train": ["MODEL.WEIGHTS", j("proposal", "model_final.pth")],
-        "ranking": ["MODEL.WEIGHTS", j("self_train", f"round_{SELF_TRAIN_ROUNDS - 1}", "model_final.pth")],
-        "distill": ["MODEL.WEIGHTS", j("ranking", "model_final.pth")],
-        "one_stage": ["MODEL.WEIGHTS", teacher,
-                      "PART_DISTILL.PSEUDO_LABELS.MANIFEST", j("mined_train_clusters", "manifest.json")],
-    }
-    stage_text = {
-        "proposal": "stage 2: train the class-agnostic part decoder on the mined parts",
-        "self_train": f"stage 2b: {SELF_TRAIN_ROUNDS} self-training rounds (teacher = last student)",
-        "ranking": "stage 3: per-class k-means prototypes over part query features (Eq. 2)",
-        "distill": "stage 4: final self-training with cluster ids as labels",
-        "one_stage": f"baseline: train on the dataset-level cluster ids, then {SELF_TRAIN_ROUNDS} self-training rounds",
-    }
-    for stage, opts in stage_opts.items():
-        steps.append(Step(
-            stage,
-            ["tools/train_net.py", "--config-file", f"{CFG}/{stage}.yaml", *launch, *opts,
-             "PART_DISTILL.SELF_TRAIN.ROUNDS", str(SELF_TRAIN_ROUNDS),
-             "PART_DISTILL.ONE_STAGE.ROUNDS", str(SELF_TRAIN_ROUNDS), "OUTPUT_DIR", j(stage)],
-            j(stage, "eval_results.json"), stage_text[stage]))
+    steps += part_stage_steps(out, teacher, j("mined_train", "manifest.json"), launch,
+                              one_stage_manifest=j("mined_train_clusters", "manifest.json"))
     for stage, weights in PREDICTED_OBJECT_EVALS.items():
         steps.append(Step(
             f"eval_{stage}_pred",
@@ -104,12 +86,41 @@ def build_demo_steps(out, num_gpus=0, teacher_dir=None, mining_opts=()):
          "--output", j("overlays"), "--objects", "gt", "--dataset", VAL_PARTS.replace("_parts", ""),
          "--confidence-threshold", "0.3", "MODEL.WEIGHTS", j("distill", "round_0", "model_final.pth")],
         j("overlays", "predictions.json"), "part overlays of the final model on 4 val images"))
-    order = ["parts_world", "instance_teacher", "mine_train", "mine_val", "eval_mined", "mine_val_pred",
+    order = ["parts_world", "instance_teacher", "mine_train", "mine_val", "eval_mined", "eval_mined_train", "mine_val_pred",
              "eval_mined_pred", "proposal", "self_train", "ranking", "distill", "mine_train_clusters", "one_stage",
              *[f"eval_{s}_pred" for s in PREDICTED_OBJECT_EVALS], "overlays"]
     if teacher_dir != j("instance_teacher"):
         steps = [s for s in steps if s.name != "instance_teacher"]
     return sorted(steps, key=lambda s: order.index(s.name))
+
+
+STAGE_TEXT = {
+    "proposal": "stage 2: train the class-agnostic part decoder on the mined parts",
+    "self_train": f"stage 2b: {SELF_TRAIN_ROUNDS} self-training rounds (teacher = last student)",
+    "ranking": "stage 3: per-class k-means prototypes over part query features (Eq. 2)",
+    "distill": "stage 4: final self-training with cluster ids as labels",
+    "one_stage": f"baseline: train on the dataset-level cluster ids, then {SELF_TRAIN_ROUNDS} self-training rounds",
+}
+
+
+def part_stage_steps(out, teacher, mined_manifest, launch=(), extra_opts=(), one_stage_manifest=None):
+    """The learned stages 2 -> 2b -> 3 -> 4 (and, given its store, the one-stage baseline) under ``out``,
+    each a ``tools/train_net.py`` command with ``extra_opts`` (KEY VALUE ...) appended."""
+    j = lambda *p: os.path.join(out, *p)  # noqa: E731
+    stage_opts = {
+        "proposal": ["MODEL.WEIGHTS", teacher, "PART_DISTILL.PSEUDO_LABELS.MANIFEST", mined_manifest],
+        "self_train": ["MODEL.WEIGHTS", j("proposal", "model_final.pth")],
+        "ranking": ["MODEL.WEIGHTS", j("self_train", f"round_{SELF_TRAIN_ROUNDS - 1}", "model_final.pth")],
+        "distill": ["MODEL.WEIGHTS", j("ranking", "model_final.pth")],
+    }
+    if one_stage_manifest:
+        stage_opts["one_stage"] = ["MODEL.WEIGHTS", teacher, "PART_DISTILL.PSEUDO_LABELS.MANIFEST", one_stage_manifest]
+    return [Step(stage,
+                 ["tools/train_net.py", "--config-file", f"{CFG}/{stage}.yaml", *launch, *opts,
+                  "PART_DISTILL.SELF_TRAIN.ROUNDS", str(SELF_TRAIN_ROUNDS),
+                  "PART_DISTILL.ONE_STAGE.ROUNDS", str(SELF_TRAIN_ROUNDS), *extra_opts, "OUTPUT_DIR", j(stage)],
+                 j(stage, "eval_results.json"), STAGE_TEXT[stage])
+            for stage, opts in stage_opts.items()]
 
 
 # Models whose parts depend on which objects own them get a second evaluation with predicted objects.
@@ -171,19 +182,42 @@ def collect_results(out):
                 flat["AR@200-pred"] = flat["AR@200"]
         elif pred_rel and os.path.exists(os.path.join(out, pred_rel)):
             flat.update({f"{k}-pred": v for k, v in _read_flat(os.path.join(out, pred_rel)).items()})
+        labels_ar = _training_labels_ar(out, label, path)
+        if labels_ar is not None:
+            flat["labels-AR@200"] = labels_ar
         rows.append((label, flat))
     return rows
 
 
+def _training_labels_ar(out, label, path):
+    """AR@200 (GT objects) on the train images of the labels a row trained on: the mined store for the
+    mined row and stage 2, a round's own labels for a self-training round (None where not measured)."""
+    if path.endswith("round.json"):
+        with open(path) as f:
+            labels_eval = json.load(f).get("labels", {}).get("eval") or {}
+        flat = {k: v for task in labels_eval.values() if isinstance(task, dict) for k, v in task.items()}
+        return flat.get("AR@200-gtobj_union")
+    mined_train = os.path.join(out, "eval", "mined_train", "eval_results.json")
+    if label.startswith(("mined parts only", "part proposal")) and os.path.exists(mined_train):
+        return _read_flat(mined_train).get("AR@200-gtobj_union")
+    return None
+
+
 COLUMNS = [("AR@200 pred. obj.", "AR@200-pred"), ("mIoU pred. obj.", "mIoU-pred"),
-           ("AR@200 GT obj.", "AR@200-gtobj_union"), ("mIoU GT obj.", "mIoU"), ("NMI", "NMI"), ("ARI", "ARI")]
+           ("AR@200 GT obj.", "AR@200-gtobj_union"), ("mIoU GT obj.", "mIoU"), ("NMI", "NMI"), ("ARI", "ARI"),
+           ("fit IoU (train)", "mean_best_iou"), ("train-labels AR@200", "labels-AR@200")]
+
+
+def _fmt_metric(key, x):
+    # The fit is a mean IoU in [0, 1]; every other column is a percentage.
+    return f"{x:.2f}" if key == "mean_best_iou" and x is not None else _fmt(x)
 
 
 def results_markdown(rows):
     lines = ["| method | " + " | ".join(c for c, _ in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     for label, m in rows:
-        lines.append(f"| {label} | " + " | ".join(_fmt(m.get(k)) for _, k in COLUMNS) + " |")
+        lines.append(f"| {label} | " + " | ".join(_fmt_metric(k, m.get(k)) for _, k in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -266,9 +300,10 @@ def _write_html(out, text_md, rows):
         f.write("\n".join(body))
 
 
-def update_readme(readme, text):
-    """Replace the README block between the demo-results markers with ``text`` (if the markers exist)."""
-    start, end = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
+def update_readme(readme, text, block="demo-results"):
+    """Replace the block between the ``<!-- {block}:start/end -->`` markers of a markdown file with ``text``
+    (if the file and the markers exist)."""
+    start, end = f"<!-- {block}:start -->", f"<!-- {block}:end -->"
     if not os.path.exists(readme):
         return False
     with open(readme) as f:

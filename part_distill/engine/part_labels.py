@@ -16,6 +16,7 @@ c % world_size == r, so the files do not depend on the world size and a rerun sk
 import logging
 import math
 
+import numpy as np
 import torch
 from detectron2.utils import comm
 
@@ -27,7 +28,8 @@ from ..modeling.meta_arch.postprocess import mask_quality, masks_to_output
 from ..modeling.part_candidates import select_part_candidates
 from ..utils.masks import decode_rle
 
-__all__ = ["PartLabelFilters", "predict_part_queries", "part_scores", "object_part_labels",
+__all__ = ["PartLabelFilters", "predict_part_queries", "part_scores", "object_part_labels", "object_masks",
+           "predict_with_objects",
            "write_part_label_store", "unwrap"]
 
 logger = logging.getLogger(__name__)
@@ -67,28 +69,57 @@ def part_scores(class_logits, mask_logits):
 
 
 @torch.no_grad()
-def predict_part_queries(model, batched_inputs, with_objects=False):
+def predict_part_queries(model, batched_inputs, with_objects=False, owner_masks=None, object_score_thresh=0.0):
     """Raw part queries of a PartDistillationModel, at each input's output resolution.
 
     Returns per image ``{"mask_probs" [Q, H, W], "scores" [Q], "features" [Q, D]}`` plus, when
     ``with_objects``, ``"objects"``: D^o's Instances (pred_masks, pred_classes, scores).
+    A model on object-centric crops (MODEL.PART_DISTILL.OBJECT_CROP) crops ``owner_masks[i]``
+    (Bool [M, H, W] at the output resolution) or, when None, D^o's objects scoring at least
+    ``object_score_thresh``; its queries are those of all crops (Q = M x queries).
     """
     m = unwrap(model)
     images = m.preprocess_image(batched_inputs)
-    mask_features, multi_scale, part_mask_features = m.encode_for_parts(images.tensor)
-    part_out = m.part_predictor(multi_scale, part_mask_features)
-    obj_out = m.sem_seg_head.predictor(multi_scale, mask_features) if with_objects else None
+    crops = m.object_crop is not None
+    need_objects = with_objects or (crops and owner_masks is None)
+    feats = m.encode_for_parts(images.tensor, with_objects=need_objects, with_parts=not crops)
+    part_out = None if crops else m.predict_parts(feats)
+    obj_out = m.predict_objects(feats) if need_objects else None
     results = []
     for b, x in enumerate(batched_inputs):
-        image_size = images.image_sizes[b]
-        logits = masks_to_output(part_out["pred_masks"][b], images.tensor.shape[-2:], image_size,
-                                 m.output_size(x, image_size))
-        r = {"mask_probs": logits.sigmoid(), "scores": part_scores(part_out["pred_logits"][b], logits),
-             "features": part_out["query_features"][b].float(), "class_logits": part_out["pred_logits"][b].float()}
+        output_size = m.output_size(x, images.image_sizes[b])
+        objects = m.objects_of(obj_out, b, images, x) if need_objects else None
+        owners = None
+        if crops:
+            owners = owner_masks[b] if owner_masks is not None else \
+                objects.pred_masks[objects.scores >= object_score_thresh]
+            owners = torch.as_tensor(owners, device=m.device).reshape(-1, *output_size).bool()
+        class_logits, logits, features = m.part_outputs(b, images, part_out, owners, output_size)
+        r = {"mask_probs": logits.sigmoid(), "scores": part_scores(class_logits, logits),
+             "features": features.float(), "class_logits": class_logits.float()}
         if with_objects:
-            r["objects"] = m.objects_of(obj_out, b, images, x)
+            r["objects"] = objects
         results.append(r)
     return results
+
+
+def predict_with_objects(model, dataset_dicts, mapper, objects="gt", object_score_thresh=0.5):
+    """[(objects, predict_part_queries output)] of dataset dicts: the GT objects of each dict (``objects``
+    "gt") or D^o's scoring >= ``object_score_thresh``, as MinedObjects; crops (if any) are of those objects."""
+    gt = [_gt_objects(dd) for dd in dataset_dicts] if objects == "gt" else None
+    owner_masks = None if gt is None else [object_masks(o, (dd["height"], dd["width"]))
+                                           for o, dd in zip(gt, dataset_dicts)]
+    preds = predict_part_queries(model, [mapper(dd) for dd in dataset_dicts], with_objects=objects == "predicted",
+                                 owner_masks=owner_masks, object_score_thresh=object_score_thresh)
+    objs = gt or [_predicted_objects(p["objects"], object_score_thresh) for p in preds]
+    return list(zip(objs, preds))
+
+
+def object_masks(objs, size):
+    """Bool [M, H, W] of a list of MinedObject (the owners handed to predict_part_queries)."""
+    if not objs:
+        return torch.zeros((0, *size), dtype=torch.bool)
+    return torch.from_numpy(np.stack([np.asarray(o.mask, dtype=bool) for o in objs]))
 
 
 def _gt_objects(dd):
@@ -190,11 +221,8 @@ def write_part_label_store(model, dataset_dicts, store_dir, run_info, *, filters
         records = []
         for b in range(0, len(items), batch_size):
             batch = items[b:b + batch_size]
-            inputs = [mapper(dd) for _, dd in batch]
-            preds = predict_part_queries(model, inputs, with_objects=objects == "predicted")
-            for (index, dd), pred in zip(batch, preds):
-                objs = _gt_objects(dd) if objects == "gt" else _predicted_objects(pred["objects"],
-                                                                                  object_score_thresh)
+            for (index, dd), (objs, pred) in zip(batch, predict_with_objects(
+                    model, [dd for _, dd in batch], mapper, objects, object_score_thresh)):
                 records.append({"index": index, "dataset_dict": dd, "skip_reason": None,
                                 "objects": object_part_labels(pred, objs, filters, labeler)})
         store.write_shard(c, _shard(records, c, run_info["config_hash"]))

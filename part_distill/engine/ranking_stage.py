@@ -18,8 +18,7 @@ from detectron2.utils import comm
 
 from ..modeling.part_candidates import select_part_candidates
 from ..utils.io import atomic_write_json
-from .part_labels import (PartLabelFilters, _gt_objects, _predicted_objects, build_label_mapper, dataset_inputs,
-                          predict_part_queries, unwrap)
+from .part_labels import PartLabelFilters, build_label_mapper, dataset_inputs, predict_with_objects, unwrap
 from .ranking import fit_prototypes_distributed
 
 __all__ = ["WEIGHT_MODES", "candidate_weights", "collect_candidates", "install_prototypes", "run_ranking"]
@@ -58,9 +57,8 @@ def collect_candidates(model, dataset_dicts, mapper, filters, *, objects="gt", o
     model.eval()
     for b in range(0, len(mine), batch_size):
         batch = mine[b:b + batch_size]
-        preds = predict_part_queries(model, [mapper(d) for _, d in batch], with_objects=objects == "predicted")
-        for (index, dd), pred in zip(batch, preds):
-            objs = _gt_objects(dd) if objects == "gt" else _predicted_objects(pred["objects"], object_score_thresh)
+        for (index, _), (objs, pred) in zip(batch, predict_with_objects(
+                model, [d for _, d in batch], mapper, objects, object_score_thresh)):
             dim = pred["features"].shape[1]
             for j, obj in enumerate(objs):
                 mask = torch.as_tensor(obj.mask, device=pred["mask_probs"].device)

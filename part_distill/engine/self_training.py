@@ -31,7 +31,7 @@ from .part_labels import (PartLabelFilters, build_label_mapper, dataset_inputs, 
 from .trainer import PartDistillTrainer
 
 __all__ = ["ModelEMA", "EMAHook", "run_rounds", "round_dir", "with_overrides", "PART_LABEL_KEY",
-           "load_labelled_parts", "register_labelled_parts", "check_slot_head"]
+           "load_labelled_parts", "register_labelled_parts", "check_slot_head", "measure_fit"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,29 @@ def check_slot_head(cfg, stage):
     if cfg.INPUT.PART_CLASS_KEY != PART_LABEL_KEY:
         raise ValueError(f"stage {stage!r} trains on cluster slots: set INPUT.PART_CLASS_KEY {PART_LABEL_KEY!r}")
     return k
+
+
+def measure_fit(cfg, model, dataset_name):
+    """The fit of ``model`` to the training labels ``dataset_name`` (evaluation/fit.py) on the main
+    process, or None (other ranks, PART_DISTILL.FIT.NUM_IMAGES 0)."""
+    n = cfg.PART_DISTILL.FIT.NUM_IMAGES
+    if n <= 0 or not comm.is_main_process():
+        return None
+    from ..evaluation.fit import fit_to_pseudo_labels
+
+    return fit_to_pseudo_labels(unwrap(model), cfg, DatasetCatalog.get(dataset_name), num_images=n)
+
+
+def evaluate_labels(cfg, labels_dir, output_dir):
+    """AR of a round's labels on PART_DISTILL.SELF_TRAIN.LABEL_EVAL_DATASET (main process; None if unset)."""
+    name = cfg.PART_DISTILL.SELF_TRAIN.LABEL_EVAL_DATASET
+    if not name or not comm.is_main_process():
+        return None
+    from ..evaluation.store_predictions import evaluate_store
+
+    # Labels are class-agnostic until stage 4: only their recall is meaningful.
+    eval_cfg = with_overrides(cfg, **{"TEST.PARTS.EVALUATORS": ["PartAREvaluator"]})
+    return evaluate_store(eval_cfg, labels_dir, name, output_dir)
 
 
 def round_dir(cfg, r):
@@ -193,8 +216,10 @@ def _train_student(cfg, rdir, dataset, init_weights, r):
             with atomic_open(next_teacher, "wb") as f:
                 torch.save({"model": ema.state}, f)
     comm.synchronize()
+    fit = measure_fit(student_cfg, trainer.model, dataset)
     # Iterations done: after train() ``iter`` is max_iter; a skipped train leaves start_iter = max_iter.
-    return final, next_teacher, max(trainer.iter, trainer.start_iter), getattr(trainer, "_last_eval_results", None)
+    return (final, next_teacher, max(trainer.iter, trainer.start_iter), getattr(trainer, "_last_eval_results", None),
+            fit)
 
 
 def run_rounds(cfg, *, stage, num_rounds, teacher_cfg_of_round=None, labeler_factory=None):
@@ -232,11 +257,16 @@ def run_rounds(cfg, *, stage, num_rounds, teacher_cfg_of_round=None, labeler_fac
             labels_dir,
             PseudoLabelFilters.from_config(cfg))
         # The student starts from the teacher, except in stage 4 round 0 where the class head changes.
-        final, next_teacher, iterations, results = _train_student(cfg, rdir, dataset, teacher, r)
+        final, next_teacher, iterations, results, fit = _train_student(cfg, rdir, dataset, teacher, r)
+        results = dict(results or {})
+        if fit is not None:
+            results["fit"] = fit
+        labels_eval = evaluate_labels(cfg, labels_dir, os.path.join(rdir, "labels_eval"))
         info = {"stage": stage, "round": r, "teacher": teacher, "teacher_kind": s.TEACHER if r else "init",
                 "labels": {"manifest": os.path.join(labels_dir, "manifest.json"),
-                           "config_hash": labels_manifest["config_hash"], "counts": labels_manifest["counts"]},
-                "checkpoint": final, "iterations": iterations, "eval": results or {}, "next_teacher": next_teacher,
+                           "config_hash": labels_manifest["config_hash"], "counts": labels_manifest["counts"],
+                           "eval": labels_eval or {}},
+                "checkpoint": final, "iterations": iterations, "eval": results, "next_teacher": next_teacher,
                 "config_hash": config_hash(cfg.dump()), "code_version": code_version()}
         if comm.is_main_process():
             atomic_write_json(done, info, indent=1, sort_keys=True)

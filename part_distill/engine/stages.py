@@ -19,7 +19,7 @@ from ..data.pseudo_labels import PseudoLabelFilters, register_pseudo_labels
 from ..mining.store import read_manifest
 from ..utils.io import atomic_write_json
 from .ranking_stage import run_ranking
-from .self_training import check_slot_head, run_rounds, with_overrides
+from .self_training import check_slot_head, measure_fit, run_rounds, with_overrides
 from .trainer import PartDistillTrainer
 
 __all__ = ["STAGE_RUNNERS", "run_stage", "run_proposal", "run_self_train", "run_ranking_stage", "run_distill",
@@ -71,7 +71,11 @@ def run_proposal(cfg, resume=False):
     if trainer.start_iter < trainer.max_iter:
         trainer.train()
     # The trainer's EvalHook has evaluated the final model when training ran; don't do it twice.
-    return getattr(trainer, "_last_eval_results", None) or _evaluate(cfg, trainer.model)
+    res = dict(getattr(trainer, "_last_eval_results", None) or _evaluate(cfg, trainer.model))
+    fit = measure_fit(cfg, trainer.model, name)
+    if fit is not None:
+        res["fit"] = fit
+    return res
 
 
 def run_self_train(cfg, resume=True):

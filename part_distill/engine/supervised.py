@@ -43,19 +43,24 @@ def part_target_dicts(dicts):
     """``*_parts`` dicts -> dicts whose annotations are the parts (PartTargetLSJMapper's input).
 
     Each part keeps its segmentation and id; ``category_id`` becomes the part category and the owner
-    is kept as ``object_id`` / ``object_category_id``. Parts of crowd objects are left out.
+    is kept as ``object_id`` / ``object_category_id``, and the owners as ``objects`` (object-centric
+    crops need them). Parts of crowd objects are left out.
     """
     out = []
     for d in dicts:
-        parts = []
-        for obj in d.get("annotations", ()):
-            if obj.get("iscrowd", 0):
+        parts, objects = [], []
+        for j, obj in enumerate(d.get("annotations", ())):
+            if obj.get("iscrowd", 0) or not obj.get("parts"):
                 continue
-            for p in obj.get("parts", ()):
+            # Annotation ids may be absent: the row index then identifies the owner within the image.
+            oid = obj.get("id", j)
+            objects.append({"id": oid, "category_id": int(obj["category_id"]), "segmentation": obj["segmentation"],
+                            "iscrowd": 0})
+            for p in obj["parts"]:
                 parts.append({"segmentation": p["segmentation"], PART_CATEGORY_KEY: int(p["category_id"]),
-                              "id": p.get("id"), "iscrowd": 0, "object_id": obj.get("id"),
+                              "id": p.get("id"), "iscrowd": 0, "object_id": oid,
                               "object_category_id": int(obj["category_id"])})
-        out.append({**{k: v for k, v in d.items() if k != "annotations"}, "annotations": parts})
+        out.append({**{k: v for k, v in d.items() if k != "annotations"}, "annotations": parts, "objects": objects})
     return out
 
 

@@ -29,6 +29,10 @@ class TraceablePartModel(nn.Module):
         super().__init__()
         if not hasattr(model, "part_predictor"):
             raise ValueError(f"{type(model).__name__} has no part decoder; export needs PartDistillationModel")
+        if getattr(model, "object_crop", None) is not None:
+            # The graph would need the owner objects as inputs and a data-dependent number of crops.
+            raise ValueError("export of an object-crop part model is not supported: export with "
+                             "MODEL.PART_DISTILL.OBJECT_CROP.ENABLED False (a whole-image model)")
         self.model = model
         ranker = getattr(model, "ranker", None)
         self.with_ranker = ranker is not None and bool(ranker.fitted_classes.any())
@@ -40,9 +44,9 @@ class TraceablePartModel(nn.Module):
 
     def forward(self, image):
         m = self.model
-        mask_features, multi_scale, part_mask_features = m.encode_for_parts(image)
-        obj = m.sem_seg_head.predictor(multi_scale, mask_features)
-        part = m.part_predictor(multi_scale, part_mask_features)
+        feats = m.encode_for_parts(image)
+        obj = m.predict_objects(feats)
+        part = m.predict_parts(feats)
         out = (obj["pred_logits"], obj["pred_masks"], part["pred_logits"], part["pred_masks"],
                part["query_features"])
         if self.with_ranker:

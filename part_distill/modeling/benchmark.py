@@ -108,7 +108,7 @@ def ours_opts(sizes, device):
         "MODEL.PART_DISTILL.NUM_PART_QUERIES", str(sizes.queries),
         "MODEL.PART_DISTILL.PART_DEC_LAYERS", str(sizes.layers),
         "MODEL.PART_DISTILL.NUM_PART_CLASSES", str(sizes.classes),
-        "MODEL.PART_DISTILL.FREEZE_ENCODER", "True", "MODEL.PART_DISTILL.FREEZE_INSTANCE_DECODER", "True",
+        "MODEL.PART_DISTILL.FREEZE", "encoder", "MODEL.PART_DISTILL.FREEZE_INSTANCE_DECODER", "True",
         "MODEL.MASK_FORMER.HIDDEN_DIM", str(sizes.hidden), "MODEL.SEM_SEG_HEAD.CONVS_DIM", str(sizes.hidden),
         "MODEL.SEM_SEG_HEAD.MASK_DIM", str(sizes.hidden),
         "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", str(sizes.points),

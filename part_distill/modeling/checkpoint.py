@@ -26,7 +26,7 @@ from timm.models.swin_transformer import get_relative_position_index
 from .backbone.swin import D2SwinTransformer
 
 __all__ = ["PartDistillCheckpointer", "convert_mask2former_state_dict", "convert_swin_state_dict",
-           "swin_prefixes"]
+           "fill_from_sources", "swin_prefixes"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,24 @@ def convert_mask2former_state_dict(state_dict: Dict[str, torch.Tensor], model: t
     return out
 
 
+def fill_from_sources(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Initialise the modules a checkpoint lacks from the ones ``model.checkpoint_key_sources()`` names.
+
+    E.g. a part pixel decoder starts as a copy of the teacher's pixel decoder when MODEL.WEIGHTS is the
+    instance teacher, and loads its own trained weights from a part model's checkpoint.
+    """
+    sources = getattr(model, "checkpoint_key_sources", dict)()
+    out = dict(state_dict)
+    for target, source in sources.items():
+        if any(k.startswith(target) for k in out):
+            continue
+        copied = {target + k[len(source):]: v.clone() for k, v in state_dict.items() if k.startswith(source)}
+        if copied:
+            logger.info(f"'{target}*' is not in the checkpoint: initialised from '{source}*' ({len(copied)} keys)")
+        out.update(copied)
+    return out
+
+
 class PartDistillCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that also loads Mask2Former's official checkpoints (R50 and Swin).
 
@@ -112,6 +130,7 @@ class PartDistillCheckpointer(DetectionCheckpointer):
         # Name-matched checkpoints hold keys relative to the backbone ("layers.0...").
         extra = [""] if checkpoint.get("matching_heuristics", False) else []
         checkpoint["model"] = convert_mask2former_state_dict(checkpoint["model"], self.model, extra)
+        checkpoint["model"] = fill_from_sources(checkpoint["model"], self.model)
         incompatible = super()._load_model(checkpoint)
         self.last_incompatible = incompatible
         return incompatible

@@ -7,6 +7,7 @@ maximal IoU (Eq. 1), either D^o's predictions or the ground-truth objects of the
 (PartTargetLSJMapper); when D^o is not frozen it also trains on the inputs' ``"instances"``.
 """
 import contextlib
+from typing import NamedTuple
 
 import torch
 from detectron2.config import configurable
@@ -14,7 +15,9 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch.nn import functional as F
 
 from ..criterion import SetCriterion
+from ..object_crops import OUTSIDE_LOGIT, CropSettings, crop_regions, mask_boxes, paste_regions
 from ..part_mask_adapter import build_part_mask_adapter
+from ..pixel_decoder import build_pixel_decoder
 from ..ranked_inference import rerank_parts
 from ..ranker import PartRanker
 from ..slot_criterion import SlotSetCriterion
@@ -22,34 +25,71 @@ from ..transformer_decoder import build_transformer_decoder
 from .instance_segmentor import InstanceSegmentor
 from .postprocess import masks_to_output, part_inference
 
-__all__ = ["PartDistillationModel"]
+__all__ = ["PartDistillationModel", "FREEZE_MODES", "PartFeatures"]
 
 OBJECT_SOURCES = ("predicted", "gt")
+# What D^p training may change (MODEL.PART_DISTILL.FREEZE, docs/learning.md):
+#   encoder      backbone + whole pixel decoder fixed; D^p reads the teacher's features as they are
+#   reference    the reference's FREEZE_KEYS: backbone + the pixel decoder's deformable encoder fixed; the
+#                rest of the pixel decoder (input projections, FPN convs, mask features) trains and D^o reads
+#                the same, drifting features
+#   part_branch  ours: D^o reads the frozen teacher features; D^p reads a part pixel decoder of its own,
+#                initialised from the teacher's, that trains except for its deformable encoder
+#   none         everything trains (the backbone within MODEL.BACKBONE.FREEZE_AT)
+FREEZE_MODES = ("encoder", "reference", "part_branch", "none")
+# Pixel-decoder modules whose qualified name contains one of these stay frozen in "reference" and
+# "part_branch" (the reference's FREEZE_KEYS minus "backbone", which is frozen as a whole).
+ENCODER_KEYS = ("encoder",)
+
+
+class PartFeatures(NamedTuple):
+    """What the decoders read: D^o the teacher's (mask_features, multi_scale), D^p its own pair."""
+    mask_features: torch.Tensor
+    multi_scale: list
+    part_mask_features: torch.Tensor
+    part_multi_scale: list
+
+
+def _encoder_submodules(pixel_decoder):
+    """The outermost submodules of a pixel decoder whose names contain an ENCODER_KEYS entry."""
+    found = []
+    for name, module in pixel_decoder.named_modules():
+        if name and any(k in name for k in ENCODER_KEYS) and not any(name.startswith(f + ".") for f, _ in found):
+            found.append((name, module))
+    return [m for _, m in found]
 
 
 @META_ARCH_REGISTRY.register()
 class PartDistillationModel(InstanceSegmentor):
     @configurable
-    def __init__(self, *, part_predictor, part_criterion, freeze_encoder=True,
+    def __init__(self, *, part_predictor, part_criterion, freeze="encoder",
                  freeze_instance_decoder=True, objects="predicted", clusters_per_class=8,
                  part_score_thresh=0.0, parts_per_image=0, return_features=True, ranker=None,
-                 part_mask_adapter=None, **kwargs):
+                 part_mask_adapter=None, part_pixel_decoder=None, object_crop=None, **kwargs):
         """
         Args:
             part_predictor: the part decoder D^p (a masked-attention decoder returning query_features).
             part_criterion: SetCriterion over the part classes.
-            freeze_encoder / freeze_instance_decoder: keep E / D^o fixed (no grads, eval mode).
+            freeze: one of FREEZE_MODES, what of E stays fixed (no grads, eval mode) while D^p trains.
+            freeze_instance_decoder: keep D^o fixed.
             objects: "predicted" (D^o) or "gt" (``inputs[i]["instances"]``) owners for Eq. 1.
             clusters_per_class, part_score_thresh, parts_per_image, return_features: see
                 ``part_inference`` and MODEL.PART_DISTILL.TEST.
             ranker: optional PartRanker (stage 3); once fitted it re-scores class-agnostic parts (Eq. 2).
             part_mask_adapter: optional trainable module (mask_features, backbone_features) -> the
                 mask features D^p reads (part_mask_adapter.py); None: D^p reads E's mask features.
+            part_pixel_decoder: D^p's own pixel decoder (required by, and only used with, freeze
+                "part_branch"); checkpoints without its keys initialise it from the teacher's.
+            object_crop: CropSettings: D^p reads object-centric crops (object_crops.py); None: whole images.
             kwargs: InstanceSegmentor arguments (backbone, sem_seg_head, criterion, ...).
         """
         super().__init__(**kwargs)
         if objects not in OBJECT_SOURCES:
             raise ValueError(f"MODEL.PART_DISTILL.OBJECTS must be one of {OBJECT_SOURCES}, got {objects!r}")
+        if freeze not in FREEZE_MODES:
+            raise ValueError(f"MODEL.PART_DISTILL.FREEZE must be one of {FREEZE_MODES}, got {freeze!r}")
+        if (freeze == "part_branch") != (part_pixel_decoder is not None):
+            raise ValueError("a part pixel decoder is built for, and only for, MODEL.PART_DISTILL.FREEZE 'part_branch'")
         self.part_predictor = part_predictor
         self.part_criterion = part_criterion
         self.objects = objects
@@ -59,7 +99,9 @@ class PartDistillationModel(InstanceSegmentor):
         self.return_features = return_features
         self.ranker = ranker
         self.part_mask_adapter = part_mask_adapter
-        self.freeze_encoder = freeze_encoder
+        self.part_pixel_decoder = part_pixel_decoder
+        self.object_crop = object_crop
+        self.freeze = freeze
         self.freeze_instance_decoder = freeze_instance_decoder
         for module in self.frozen_modules():
             module.requires_grad_(False)
@@ -83,10 +125,13 @@ class PartDistillationModel(InstanceSegmentor):
             ret["part_criterion"] = SetCriterion(**criterion_args)
         # Prototypes are buffers: zero until stage 3 fits them, then saved with every checkpoint.
         ret["part_mask_adapter"] = build_part_mask_adapter(cfg, ret["backbone"].output_shape())
+        if pd.FREEZE == "part_branch":
+            ret["part_pixel_decoder"] = build_pixel_decoder(cfg, ret["backbone"].output_shape())
         ret["ranker"] = PartRanker(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, pd.CLUSTERS_PER_CLASS,
                                    cfg.MODEL.MASK_FORMER.HIDDEN_DIM)
         ret.update(
-            freeze_encoder=pd.FREEZE_ENCODER,
+            freeze=pd.FREEZE,
+            object_crop=CropSettings.from_config(cfg),
             freeze_instance_decoder=pd.FREEZE_INSTANCE_DECODER,
             objects=pd.OBJECTS,
             clusters_per_class=pd.CLUSTERS_PER_CLASS,
@@ -98,11 +143,23 @@ class PartDistillationModel(InstanceSegmentor):
 
     def frozen_modules(self):
         modules = []
-        if self.freeze_encoder:
-            modules += [self.backbone, self.sem_seg_head.pixel_decoder]
+        if self.freeze != "none":
+            modules.append(self.backbone)
+        if self.freeze in ("encoder", "part_branch"):
+            modules.append(self.sem_seg_head.pixel_decoder)
+        elif self.freeze == "reference":
+            modules += _encoder_submodules(self.sem_seg_head.pixel_decoder)
+        if self.part_pixel_decoder is not None:
+            modules += _encoder_submodules(self.part_pixel_decoder)
         if self.freeze_instance_decoder:
             modules.append(self.sem_seg_head.predictor)
         return modules
+
+    def checkpoint_key_sources(self):
+        """{prefix: prefix it is initialised from when a checkpoint has no key under it} (checkpoint.py)."""
+        if self.part_pixel_decoder is None:
+            return {}
+        return {"part_pixel_decoder.": "sem_seg_head.pixel_decoder."}
 
     def train(self, mode=True):
         # Frozen parts stay in eval mode: their norm statistics and dropout must not change.
@@ -115,28 +172,53 @@ class PartDistillationModel(InstanceSegmentor):
         """Training: weighted losses (``part_*``, plus ``obj_*`` when D^o trains).
         Inference: ``[{"instances": objects, "parts": part proposals}]`` (docs/formats.md)."""
         images = self.preprocess_image(batched_inputs)
-        mask_features, multi_scale, part_mask_features = self.encode_for_parts(images.tensor)
-        part_out = self.part_predictor(multi_scale, part_mask_features)
         if self.training:
-            return self.losses(batched_inputs, images, mask_features, multi_scale, part_out)
-        obj_out = self.sem_seg_head.predictor(multi_scale, mask_features)
+            if self.object_crop is not None:
+                return self.crop_losses(batched_inputs, images)
+            # Training a frozen D^o computes no object outputs, so it needs no teacher features either.
+            feats = self.encode_for_parts(images.tensor, with_objects=not self.freeze_instance_decoder)
+            return self.losses(batched_inputs, images, feats, self.predict_parts(feats))
+        feats = self.encode_for_parts(images.tensor, with_parts=self.object_crop is None)
+        obj_out = self.predict_objects(feats)
+        part_out = None if self.object_crop is not None else self.predict_parts(feats)
         return [self.inference_one(b, x, images, obj_out, part_out) for b, x in enumerate(batched_inputs)]
 
-    def encode_for_parts(self, image_tensor):
-        """Normalised padded images -> (mask_features, multi_scale, the mask features D^p reads)."""
-        with torch.no_grad() if self.freeze_encoder else contextlib.nullcontext():
-            features = self.backbone(image_tensor)
-            mask_features, multi_scale = self.sem_seg_head.encode(features)
-        if self.part_mask_adapter is None:
-            return mask_features, multi_scale, mask_features
-        return mask_features, multi_scale, self.part_mask_adapter(mask_features, features)
+    def encode_for_parts(self, image_tensor, with_objects=True, with_parts=True):
+        """Normalised padded images -> PartFeatures (what D^o and what D^p read).
 
-    def losses(self, batched_inputs, images, mask_features, multi_scale, part_out):
+        ``with_objects=False`` may leave D^o's pair None (with a part pixel decoder, nothing else reads it);
+        ``with_parts=False`` leaves D^p's pair None (object crops: D^p reads the crops instead).
+        """
+        if not with_parts:
+            with torch.no_grad() if self.freeze != "none" else contextlib.nullcontext():
+                mask_features, multi_scale = self.sem_seg_head.encode(self.backbone(image_tensor))
+            return PartFeatures(mask_features, multi_scale, None, None)
+        with torch.no_grad() if self.freeze != "none" else contextlib.nullcontext():
+            features = self.backbone(image_tensor)
+        mask_features = multi_scale = None
+        if with_objects or self.part_pixel_decoder is None:
+            # The teacher's pixel decoder needs no graph when nothing of it trains.
+            with torch.no_grad() if self.freeze in ("encoder", "part_branch") else contextlib.nullcontext():
+                mask_features, multi_scale = self.sem_seg_head.encode(features)
+        part_mask_features, part_multi_scale = mask_features, multi_scale
+        if self.part_pixel_decoder is not None:
+            part_mask_features, _, part_multi_scale = self.part_pixel_decoder.forward_features(features)
+        if self.part_mask_adapter is not None:
+            part_mask_features = self.part_mask_adapter(part_mask_features, features)
+        return PartFeatures(mask_features, multi_scale, part_mask_features, part_multi_scale)
+
+    def predict_parts(self, feats):
+        return self.part_predictor(feats.part_multi_scale, feats.part_mask_features)
+
+    def predict_objects(self, feats):
+        return self.sem_seg_head.predictor(feats.multi_scale, feats.mask_features)
+
+    def losses(self, batched_inputs, images, feats, part_out):
         targets = self.prepare_targets(batched_inputs, images, key="parts")
         c = self.part_criterion
         losses = {f"part_{k}": v for k, v in c.weighted(c(part_out, targets)).items()}
         if not self.freeze_instance_decoder and all("instances" in x for x in batched_inputs):
-            obj_out = self.sem_seg_head.predictor(multi_scale, mask_features)
+            obj_out = self.predict_objects(feats)
             c = self.criterion
             obj_targets = self.prepare_targets(batched_inputs, images)
             losses.update({f"obj_{k}": v for k, v in c.weighted(c(obj_out, obj_targets)).items()})
@@ -153,25 +235,101 @@ class PartDistillationModel(InstanceSegmentor):
             masks = F.interpolate(masks[None].float(), size=tuple(output_size), mode="nearest")[0] > 0.5
         return masks.bool(), inst.gt_classes
 
-    def owners_and_part_masks(self, b, x, images, obj_out, part_out):
-        """(D^o's objects, owner masks, owner classes, part mask logits at output size) of image b."""
-        objects = self.objects_of(obj_out, b, images, x)
-        image_size = images.image_sizes[b]
-        output_size = self.output_size(x, image_size)
-        if self.objects == "gt":
-            owner_masks, owner_classes = self.gt_objects(x, output_size)
+    def crop_losses(self, batched_inputs, images):
+        """Part losses on object-centric crops: every object of the batch that owns parts (at most
+        OBJECT_CROP.MAX_PER_IMAGE random ones per image), cropped with a jittered box; the targets are
+        that object's parts, cropped alike."""
+        crop = self.object_crop
+        index, object_masks, part_masks, labels = [], [], [], []
+        for b, x in enumerate(batched_inputs):
+            if "part_objects" not in x:
+                raise KeyError(f"MODEL.PART_DISTILL.OBJECT_CROP needs each training input's objects ('part_objects'): "
+                               f"{x.get('file_name', '')!r} has none; train on a part store or a *_parts dataset")
+            parts, objs = x["parts"].to(self.device), x["part_objects"].to(self.device)
+            pmasks = getattr(parts.gt_masks, "tensor", parts.gt_masks)
+            omasks = getattr(objs.gt_masks, "tensor", objs.gt_masks)
+            owners = [j for j in torch.randperm(len(objs)).tolist()
+                      if omasks[j].any() and bool((parts.object_ids == objs.object_ids[j]).any())]
+            if crop.max_per_image > 0:
+                owners = owners[:crop.max_per_image]
+            for j in owners:
+                sel = parts.object_ids == objs.object_ids[j]
+                index.append(b)
+                object_masks.append(omasks[j])
+                part_masks.append(pmasks[sel])
+                labels.append(parts.gt_classes[sel])
+        if not index:
+            # No object with parts in the batch: one whole-image crop without targets keeps every
+            # parameter in the graph (DDP) and teaches "no part" on it.
+            h, w = images.tensor.shape[-2:]
+            boxes = torch.tensor([[0.0, 0.0, float(w), float(h)]], device=self.device)
+            index, targets = [0], [{"labels": torch.zeros(0, dtype=torch.int64, device=self.device),
+                                    "masks": torch.zeros((0, crop.size, crop.size), dtype=torch.bool, device=self.device)}]
         else:
-            owner_masks, owner_classes = objects.pred_masks, objects.pred_classes
-        part_masks = masks_to_output(part_out["pred_masks"][b], images.tensor.shape[-2:], image_size,
-                                     output_size)
-        return objects, owner_masks, owner_classes, part_masks
+            boxes = crop.boxes(mask_boxes(torch.stack(object_masks)), train=True)
+            targets = []
+            for box, pm, lab in zip(boxes, part_masks, labels):
+                cm = crop_regions(pm[:, None].float(), box.expand(len(pm), 4), crop.size)[:, 0] > 0.5
+                keep = cm.flatten(1).any(1)
+                targets.append({"labels": lab[keep], "masks": cm[keep]})
+        crops = crop_regions(images.tensor, boxes, crop.size, batch_index=torch.tensor(index, device=self.device))
+        part_out = self.predict_parts(self.encode_for_parts(crops, with_objects=False))
+        c = self.part_criterion
+        return {f"part_{k}": v for k, v in c.weighted(c(part_out, targets)).items()}
+
+    def crop_part_outputs(self, images, b, owner_masks, output_size):
+        """D^p on a crop of each owner object of image b: (class logits [M*Q, C+1], mask logits
+        [M*Q, H, W] at ``output_size``, query features [M*Q, D]); crop m's queries are rows m*Q..."""
+        crop = self.object_crop
+        m = len(owner_masks)
+        if m == 0:
+            head = self.part_predictor.class_embed
+            return (torch.zeros((0, head.out_features), device=self.device),
+                    torch.zeros((0, *output_size), device=self.device),
+                    torch.zeros((0, head.in_features), device=self.device))
+        image_size = images.image_sizes[b]
+        out_boxes = crop.boxes(mask_boxes(owner_masks.bool()))
+        to_input = torch.tensor([image_size[1] / output_size[1], image_size[0] / output_size[0]] * 2,
+                                device=out_boxes.device)
+        crops = crop_regions(images.tensor, out_boxes * to_input, crop.size,
+                             batch_index=torch.full((m,), b, dtype=torch.long, device=self.device))
+        part_out = self.predict_parts(self.encode_for_parts(crops, with_objects=False))
+        logits = F.interpolate(part_out["pred_masks"].float(), size=(crop.size, crop.size), mode="bilinear",
+                               align_corners=False)
+        masks = paste_regions(logits, out_boxes, output_size)
+        if crop.clip_to_object:
+            masks = torch.where(owner_masks.bool()[:, None], masks, torch.full_like(masks, OUTSIDE_LOGIT))
+        return (part_out["pred_logits"].flatten(0, 1), masks.flatten(0, 1), part_out["query_features"].flatten(0, 1))
+
+    def owner_objects(self, x, objects, output_size):
+        """(owner masks Bool[M, H, W], owner classes [M]) of one input: GT or D^o's ``objects``."""
+        if self.objects == "gt":
+            return self.gt_objects(x, output_size)
+        return objects.pred_masks, objects.pred_classes
+
+    def part_outputs(self, b, images, part_out, owner_masks, output_size):
+        """(class logits, mask logits at ``output_size``, query features) of image b's part queries."""
+        if self.object_crop is not None:
+            return self.crop_part_outputs(images, b, owner_masks, output_size)
+        masks = masks_to_output(part_out["pred_masks"][b], images.tensor.shape[-2:], images.image_sizes[b],
+                                output_size)
+        return part_out["pred_logits"][b], masks, part_out["query_features"][b]
+
+    def owners_and_part_masks(self, b, x, images, obj_out, part_out):
+        """(D^o's objects, owner masks, owner classes, (part class logits, mask logits at output size,
+        query features)) of image b."""
+        objects = self.objects_of(obj_out, b, images, x)
+        output_size = self.output_size(x, images.image_sizes[b])
+        owner_masks, owner_classes = self.owner_objects(x, objects, output_size)
+        return objects, owner_masks, owner_classes, self.part_outputs(b, images, part_out, owner_masks, output_size)
 
     def inference_one(self, b, x, images, obj_out, part_out):
-        objects, owner_masks, owner_classes, part_masks = self.owners_and_part_masks(b, x, images, obj_out, part_out)
-        rerank = self.uses_ranker(part_out["pred_logits"].shape[-1] - 1)
+        objects, owner_masks, owner_classes, (logits, part_masks, features) = self.owners_and_part_masks(
+            b, x, images, obj_out, part_out)
+        rerank = self.uses_ranker(logits.shape[-1] - 1)
         parts = part_inference(
-            part_out["pred_logits"][b], part_masks, owner_masks, owner_classes,
-            features=part_out["query_features"][b] if self.return_features or rerank else None,
+            logits, part_masks, owner_masks, owner_classes,
+            features=features if self.return_features or rerank else None,
             clusters_per_class=self.clusters_per_class, score_thresh=self.part_score_thresh,
             top_k=self.parts_per_image,
         )

@@ -49,10 +49,11 @@ class SupervisedPartModel(PartDistillationModel):
         return ret
 
     def inference_one(self, b, x, images, obj_out, part_out):
-        objects, owner_masks, owner_classes, part_masks = self.owners_and_part_masks(b, x, images, obj_out, part_out)
+        objects, owner_masks, owner_classes, (logits, part_masks, features) = self.owners_and_part_masks(
+            b, x, images, obj_out, part_out)
         parts = category_part_inference(
-            part_out["pred_logits"][b], part_masks, owner_masks, owner_classes,
-            features=part_out["query_features"][b] if self.return_features else None,
+            logits, part_masks, owner_masks, owner_classes,
+            features=features if self.return_features else None,
             score_thresh=self.part_score_thresh, top_k=self.parts_per_image,
         )
         return {"instances": objects, "parts": parts}

@@ -1,0 +1,122 @@
+"""The learning ablation (docs/learning.md): what lets the part decoder learn its pseudo-labels.
+
+Each variant reruns the learned stages 2 -> 2b -> 3 -> 4 of ``make demo`` (same teacher, same mined
+store, read from the demo's output) with a few config overrides, under ``<output>/<variant>/``;
+the table reads what each stage wrote (fit to its labels, AR@200 with GT objects, the final mIoU /
+NMI / ARI) and the wall minutes of its steps. Finished steps are skipped, so the command resumes.
+"""
+import dataclasses
+import json
+import os
+
+from ..utils.io import atomic_open, atomic_write_json
+from .demo import SELF_TRAIN_ROUNDS, _fmt, _read_flat, part_stage_steps, update_readme
+
+__all__ = ["VARIANTS", "DEFAULT_VARIANT", "build_ablation_steps", "ablation_rows", "ablation_markdown",
+           "record_timings", "write_ablation_table"]
+
+# The schedule before this ablation (proposal.yaml / self_train.yaml of commit 6bf2c9b).
+_OLD_SCHEDULE = ["SOLVER.BASE_LR", "0.0003", "SOLVER.MAX_ITER", "150", "SOLVER.STEPS", "(130,)",
+                 "PART_DISTILL.SELF_TRAIN.ITERS_PER_ROUND", "80"]
+_FULL_IMAGE = ["MODEL.PART_DISTILL.OBJECT_CROP.ENABLED", "False"]
+
+# name -> (description, KEY VALUE overrides of every stage); no override = the shipped configs.
+VARIANTS = {
+    "previous": ("whole images, encoder frozen, previous schedule (150 it, lr 3e-4)",
+                 [*_FULL_IMAGE, "MODEL.PART_DISTILL.FREEZE", "encoder", *_OLD_SCHEDULE]),
+    "full_encoder": ("whole images, encoder frozen, new schedule", [*_FULL_IMAGE, "MODEL.PART_DISTILL.FREEZE", "encoder"]),
+    "full_reference": ("whole images, reference freezing (mask branch trains, shared with D^o), new schedule",
+                       [*_FULL_IMAGE, "MODEL.PART_DISTILL.FREEZE", "reference"]),
+    "full_part_branch": ("whole images, ours (part pixel decoder trains, D^o frozen), new schedule",
+                         [*_FULL_IMAGE, "MODEL.PART_DISTILL.FREEZE", "part_branch"]),
+    "crop_encoder": ("object crops, encoder frozen, new schedule", ["MODEL.PART_DISTILL.FREEZE", "encoder"]),
+    "crop_reference": ("object crops, reference freezing, new schedule", ["MODEL.PART_DISTILL.FREEZE", "reference"]),
+    "crop_part_branch": ("object crops, ours (part pixel decoder), new schedule = the shipped default", []),
+}
+DEFAULT_VARIANT = "crop_part_branch"
+
+
+def _variant_dir(out, name):
+    return os.path.join(out, name)
+
+
+def build_ablation_steps(out, demo_out, variants, num_gpus=0):
+    """The steps of ``variants`` (names of VARIANTS), reusing the teacher and mined store of ``demo_out``."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown ablation variants {unknown}; known: {sorted(VARIANTS)}")
+    teacher = os.path.join(demo_out, "instance_teacher", "model_final.pth")
+    mined = os.path.join(demo_out, "mined_train", "manifest.json")
+    for path in (teacher, mined):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing: run `make demo` (or tools/run_demo.py --output {demo_out} "
+                                    "--until eval_mined) first; the ablation reuses its teacher and mined store")
+    launch = ["--num-gpus", str(num_gpus)] if num_gpus > 1 else []
+    steps = []
+    for v in variants:
+        for step in part_stage_steps(_variant_dir(out, v), teacher, mined, launch, extra_opts=VARIANTS[v][1]):
+            steps.append(dataclasses.replace(step, name=f"{v}.{step.name}", description=f"{v}: {step.description}"))
+    return steps
+
+
+def record_timings(out, timings):
+    """Merge the seconds of the steps run now into ``<out>/timings.json`` (skipped steps keep theirs)."""
+    path = os.path.join(out, "timings.json")
+    old = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    old.update({k: v for k, v in timings.items() if v != "skipped"})
+    atomic_write_json(path, old, indent=1, sort_keys=True)
+    return old
+
+
+def _maybe(path):
+    return _read_flat(path) if os.path.exists(path) else {}
+
+
+def ablation_rows(out, variants):
+    """[(variant, {column: value})] from what each variant's stages wrote."""
+    timings = {}
+    if os.path.exists(os.path.join(out, "timings.json")):
+        with open(os.path.join(out, "timings.json")) as f:
+            timings = json.load(f)
+    rows = []
+    for v in variants:
+        d = _variant_dir(out, v)
+        proposal = _maybe(os.path.join(d, "proposal", "eval_results.json"))
+        last = _maybe(os.path.join(d, "self_train", f"round_{SELF_TRAIN_ROUNDS - 1}", "round.json"))
+        distill = _maybe(os.path.join(d, "distill", "eval_results.json"))
+        secs = [t for k, t in timings.items() if k.startswith(f"{v}.")]
+        rows.append((v, {
+            "fit IoU (train)": proposal.get("mean_best_iou"),
+            "AR@200 stage 2": proposal.get("AR@200-gtobj_union"),
+            f"AR@200 self-training r{SELF_TRAIN_ROUNDS}": last.get("AR@200-gtobj_union"),
+            "AR@200 stage 4": distill.get("AR@200-gtobj_union"),
+            "mIoU stage 4": distill.get("mIoU"), "NMI": distill.get("NMI"), "ARI": distill.get("ARI"),
+            "CPU min": sum(secs) / 60.0 if secs else None,
+        }))
+    return rows
+
+
+def ablation_markdown(rows, mined=None):
+    cols = list(rows[0][1]) if rows else []
+    lines = ["| variant | what | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for v, m in rows:
+        cells = [f"{m[c]:.2f}" if c.startswith("fit") and m[c] is not None else _fmt(m[c]) for c in cols]
+        lines.append(f"| {v} | {VARIANTS[v][0]} | " + " | ".join(cells) + " |")
+    if mined:
+        lines += ["", f"Mined parts (the stage-2 training store's val twin, no learning): AR@200 "
+                      f"{_fmt(mined.get('AR@200-gtobj_union'))}, mIoU {_fmt(mined.get('mIoU'))}, GT objects."]
+    return "\n".join(lines)
+
+
+def write_ablation_table(out, demo_out, variants, doc=None):
+    """<out>/ablation.md (and the block between the ablation markers of ``doc``); returns the table."""
+    text = ablation_markdown(ablation_rows(out, variants),
+                             _maybe(os.path.join(demo_out, "eval", "mined", "eval_results.json")))
+    with atomic_open(os.path.join(out, "ablation.md")) as f:
+        f.write(text + "\n")
+    if doc:
+        update_readme(doc, text, block="learning-ablation")
+    return text
