@@ -6,6 +6,7 @@ images' part masks as single-class targets; its fit (evaluation/fit.py: mean bes
 with each target) must reach 0.7. The same run at learning rate 0 must stay below 0.3: the fit
 measure can fail, and it is the training that moves it.
 """
+import json
 import os
 
 import pytest
@@ -15,13 +16,16 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 import part_distill  # noqa: F401  (registers datasets and models)
 from part_distill.data.datasets.parts_world import register_parts_world
 from part_distill.data.parts_world import WorldSettings
+from part_distill.engine.learning_ablation import (DEFAULT_VARIANT, ablation_rows, build_ablation_steps,
+                                                  write_ablation_table)
+from part_distill.engine.pipeline import record_timings
 from part_distill.engine.supervised import part_target_dicts
 from part_distill.engine.trainer import PartDistillTrainer
 from part_distill.evaluation.fit import best_ious, fit_summary, fit_to_pseudo_labels
 from test_self_training import tiny_cfg
 
 SETTINGS = WorldSettings(num_train=8, num_val=2, image_size=96, max_objects=2)
-ITERS = 120
+ITERS = 300
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +91,40 @@ def test_part_decoder_fits_its_targets_and_the_control_does_not(tmp_path, target
     assert learned["num_images"] == 8 and learned["num_targets"] >= 16
     assert learned["mean_best_iou"] >= 0.7, learned
     assert control["mean_best_iou"] < 0.3, control
+
+
+def _write(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def test_ablation_steps_and_table_read_what_the_stages_wrote(tmp_path):
+    demo, out = str(tmp_path / "demo"), str(tmp_path / "abl")
+    with pytest.raises(FileNotFoundError, match="make demo"):
+        build_ablation_steps(out, demo, ["previous"])
+    _write(os.path.join(demo, "instance_teacher", "model_final.pth"), {})
+    _write(os.path.join(demo, "mined_train", "manifest.json"), {})
+    steps = build_ablation_steps(out, demo, ["previous", DEFAULT_VARIANT])
+    assert [s.name for s in steps] == [f"{v}.{st}" for v in ("previous", DEFAULT_VARIANT)
+                                       for st in ("proposal", "self_train", "ranking", "distill")]
+    # A variant's overrides reach every stage; the default row is the demo's own stages.
+    assert all("encoder" in s.argv for s in steps[:4]) and steps[0].done_file.startswith(out)
+    assert steps[4].done_file == os.path.join(demo, "proposal", "eval_results.json")
+    with pytest.raises(ValueError, match="unknown ablation variants"):
+        build_ablation_steps(out, demo, ["nope"])
+    r = os.path.join(out, "previous")
+    _write(os.path.join(r, "proposal", "eval_results.json"),
+           {"parts_ar": {"AR@200-gtobj_union": 3.5}, "fit": {"mean_best_iou": 0.24}})
+    _write(os.path.join(r, "self_train", "round_1", "round.json"), {"eval": {"parts_ar": {"AR@200-gtobj_union": 3.3}}})
+    _write(os.path.join(r, "distill", "eval_results.json"),
+           {"parts_ar": {"AR@200-gtobj_union": 4.7}, "parts_miou": {"mIoU": 20.0}, "parts_nmi_ari": {"NMI": 10.5, "ARI": 5.8}})
+    record_timings(out, {"previous.proposal": 60.0, "previous.self_train": 120.0, "previous.ranking": "skipped"})
+    record_timings(demo, {"proposal": 30.0, "distill": 30.0})
+    rows = dict(ablation_rows(out, ["previous", DEFAULT_VARIANT], demo))
+    assert rows["previous"] == {"fit IoU (train)": 0.24, "AR@200 stage 2": 3.5, "AR@200 self-training r2": 3.3,
+                                "AR@200 stage 4": 4.7, "mIoU stage 4": 20.0, "NMI": 10.5, "ARI": 5.8,
+                                "CPU min": pytest.approx(3.0)}
+    assert rows[DEFAULT_VARIANT]["CPU min"] == pytest.approx(1.0) and rows[DEFAULT_VARIANT]["AR@200 stage 2"] is None
+    text = write_ablation_table(out, demo, ["previous"])
+    assert "| previous |" in text and "| 0.24 | 3.5 | 3.3 | 4.7 | 20.0 | 10.5 | 5.8 | 3.0 |" in text

@@ -14,7 +14,7 @@ import os
 import sys
 
 from part_distill.engine.demo import build_demo_steps, write_demo_report
-from part_distill.engine.pipeline import StepFailed, run_steps
+from part_distill.engine.pipeline import StepFailed, record_timings, run_steps
 
 
 def main(argv=None):
@@ -35,7 +35,10 @@ def main(argv=None):
     except StepFailed as e:
         print(e, file=sys.stderr)
         timings, failed = e.timings, e
-    print(write_demo_report(args.output, timings, readme="README.md", failed=failed))
+    # The learning ablation reads the demo's stage times from <output>/timings.json.
+    record_timings(args.output, timings)
+    # Only a whole run may stand in the README.
+    print(write_demo_report(args.output, timings, readme=None if args.until else "README.md", failed=failed))
     print(f"Report: {os.path.join(args.output, 'report.html')}")
     if failed is not None:
         sys.exit(f"step {failed.step} failed (log: {failed.log_path}); the report shows the finished steps. "

@@ -1,19 +1,20 @@
 """The learning ablation (docs/learning.md): what lets the part decoder learn its pseudo-labels.
 
 Each variant reruns the learned stages 2 -> 2b -> 3 -> 4 of ``make demo`` (same teacher, same mined
-store, read from the demo's output) with a few config overrides, under ``<output>/<variant>/``;
+store, read from the demo's output) with a few config overrides, under ``<output>/<variant>/``; the
+default variant (the shipped configs) is the demo's own run, read from the demo's output;
 the table reads what each stage wrote (fit to its labels, AR@200 with GT objects, the final mIoU /
 NMI / ARI) and the wall minutes of its steps. Finished steps are skipped, so the command resumes.
 """
 import dataclasses
-import json
 import os
 
-from ..utils.io import atomic_open, atomic_write_json
+from ..utils.io import atomic_open
 from .demo import SELF_TRAIN_ROUNDS, _fmt, _read_flat, part_stage_steps, update_readme
+from .pipeline import read_timings
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANT", "build_ablation_steps", "ablation_rows", "ablation_markdown",
-           "record_timings", "write_ablation_table"]
+           "write_ablation_table"]
 
 # The schedule before this ablation (proposal.yaml / self_train.yaml of commit 6bf2c9b).
 _OLD_SCHEDULE = ["SOLVER.BASE_LR", "0.0003", "SOLVER.MAX_ITER", "150", "SOLVER.STEPS", "(130,)",
@@ -34,10 +35,13 @@ VARIANTS = {
     "crop_part_branch": ("object crops, ours (part pixel decoder), new schedule = the shipped default", []),
 }
 DEFAULT_VARIANT = "crop_part_branch"
+# The steps whose wall time is the row's CPU minutes.
+STAGES = ("proposal", "self_train", "ranking", "distill")
 
 
-def _variant_dir(out, name):
-    return os.path.join(out, name)
+def _variant_dir(out, name, demo_out):
+    # The shipped configs are exactly what the demo ran: its stages are the default row.
+    return demo_out if name == DEFAULT_VARIANT else os.path.join(out, name)
 
 
 def build_ablation_steps(out, demo_out, variants, num_gpus=0):
@@ -54,40 +58,27 @@ def build_ablation_steps(out, demo_out, variants, num_gpus=0):
     launch = ["--num-gpus", str(num_gpus)] if num_gpus > 1 else []
     steps = []
     for v in variants:
-        for step in part_stage_steps(_variant_dir(out, v), teacher, mined, launch, extra_opts=VARIANTS[v][1]):
+        for step in part_stage_steps(_variant_dir(out, v, demo_out), teacher, mined, launch, extra_opts=VARIANTS[v][1]):
             steps.append(dataclasses.replace(step, name=f"{v}.{step.name}", description=f"{v}: {step.description}"))
     return steps
-
-
-def record_timings(out, timings):
-    """Merge the seconds of the steps run now into ``<out>/timings.json`` (skipped steps keep theirs)."""
-    path = os.path.join(out, "timings.json")
-    old = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-    old.update({k: v for k, v in timings.items() if v != "skipped"})
-    atomic_write_json(path, old, indent=1, sort_keys=True)
-    return old
 
 
 def _maybe(path):
     return _read_flat(path) if os.path.exists(path) else {}
 
 
-def ablation_rows(out, variants):
+def ablation_rows(out, variants, demo_out):
     """[(variant, {column: value})] from what each variant's stages wrote."""
-    timings = {}
-    if os.path.exists(os.path.join(out, "timings.json")):
-        with open(os.path.join(out, "timings.json")) as f:
-            timings = json.load(f)
+    # The default row's steps ran either here or inside the demo (under their plain stage names).
+    timings = {f"{DEFAULT_VARIANT}.{k}": t for k, t in read_timings(demo_out).items()}
+    timings.update(read_timings(out))
     rows = []
     for v in variants:
-        d = _variant_dir(out, v)
+        d = _variant_dir(out, v, demo_out)
         proposal = _maybe(os.path.join(d, "proposal", "eval_results.json"))
         last = _maybe(os.path.join(d, "self_train", f"round_{SELF_TRAIN_ROUNDS - 1}", "round.json"))
         distill = _maybe(os.path.join(d, "distill", "eval_results.json"))
-        secs = [t for k, t in timings.items() if k.startswith(f"{v}.")]
+        secs = [timings[f"{v}.{stage}"] for stage in STAGES if f"{v}.{stage}" in timings]
         rows.append((v, {
             "fit IoU (train)": proposal.get("mean_best_iou"),
             "AR@200 stage 2": proposal.get("AR@200-gtobj_union"),
@@ -113,7 +104,7 @@ def ablation_markdown(rows, mined=None):
 
 def write_ablation_table(out, demo_out, variants, doc=None):
     """<out>/ablation.md (and the block between the ablation markers of ``doc``); returns the table."""
-    text = ablation_markdown(ablation_rows(out, variants),
+    text = ablation_markdown(ablation_rows(out, variants, demo_out),
                              _maybe(os.path.join(demo_out, "eval", "mined", "eval_results.json")))
     with atomic_open(os.path.join(out, "ablation.md")) as f:
         f.write(text + "\n")

@@ -82,23 +82,24 @@ def predict_part_queries(model, batched_inputs, with_objects=False, owner_masks=
     images = m.preprocess_image(batched_inputs)
     crops = m.object_crop is not None
     need_objects = with_objects or (crops and owner_masks is None)
-    feats = m.encode_for_parts(images.tensor, with_objects=need_objects, with_parts=not crops)
+    feats = None
+    if need_objects or not crops:
+        feats = m.encode_for_parts(images.tensor, with_objects=need_objects, with_parts=not crops)
     part_out = None if crops else m.predict_parts(feats)
     obj_out = m.predict_objects(feats) if need_objects else None
+    sizes = [m.output_size(x, images.image_sizes[b]) for b, x in enumerate(batched_inputs)]
+    objects = [m.objects_of(obj_out, b, images, x) if need_objects else None for b, x in enumerate(batched_inputs)]
+    owners = None
+    if crops:
+        owners = [torch.as_tensor(owner_masks[b] if owner_masks is not None else
+                                  objects[b].pred_masks[objects[b].scores >= object_score_thresh],
+                                  device=m.device).reshape(-1, *size).bool() for b, size in enumerate(sizes)]
     results = []
-    for b, x in enumerate(batched_inputs):
-        output_size = m.output_size(x, images.image_sizes[b])
-        objects = m.objects_of(obj_out, b, images, x) if need_objects else None
-        owners = None
-        if crops:
-            owners = owner_masks[b] if owner_masks is not None else \
-                objects.pred_masks[objects.scores >= object_score_thresh]
-            owners = torch.as_tensor(owners, device=m.device).reshape(-1, *output_size).bool()
-        class_logits, logits, features = m.part_outputs(b, images, part_out, owners, output_size)
+    for b, (class_logits, logits, features) in enumerate(m.part_outputs(images, part_out, owners, sizes)):
         r = {"mask_probs": logits.sigmoid(), "scores": part_scores(class_logits, logits),
              "features": features.float(), "class_logits": class_logits.float()}
         if with_objects:
-            r["objects"] = objects
+            r["objects"] = objects[b]
         results.append(r)
     return results
 

@@ -7,6 +7,7 @@ to ``<output>/logs/<step>.log``. A step is finished when the file it promises ex
 are written atomically by the commands themselves, so a killed pipeline resumes at the first
 unfinished step, and steps that can resume internally (training, mining) are given ``--resume``.
 """
+import json
 import logging
 import os
 import subprocess
@@ -15,9 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import List
 
+from ..utils.io import atomic_write_json
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["Step", "run_steps", "StepFailed"]
+__all__ = ["Step", "run_steps", "StepFailed", "record_timings", "read_timings"]
 
 
 class StepFailed(RuntimeError):
@@ -73,3 +76,25 @@ def run_steps(steps, log_dir, python=sys.executable, cwd=None, echo=print):
 def _tail(path, n=25):
     with open(path, errors="replace") as f:
         return "".join(f.readlines()[-n:])
+
+
+TIMINGS_FILE = "timings.json"
+
+
+def read_timings(out):
+    """{step: seconds} of every step a driver ran under ``out`` (``record_timings``), {} if none."""
+    path = os.path.join(out, TIMINGS_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def record_timings(out, timings):
+    """Merge the seconds of the steps run now (``run_steps``' result) into ``<out>/timings.json``; steps
+    skipped now keep the time of the run that did them. Returns the merged dict."""
+    merged = read_timings(out)
+    merged.update({k: v for k, v in timings.items() if v != "skipped"})
+    os.makedirs(out, exist_ok=True)
+    atomic_write_json(os.path.join(out, TIMINGS_FILE), merged, indent=1, sort_keys=True)
+    return merged

@@ -35,10 +35,12 @@ def select_part_candidates(
             torch.zeros(0, H, W, dtype=torch.bool, device=device),
             torch.zeros(0, device=device),
         )
-    winner = (mask_probs * scores[:, None, None]).argmax(dim=0)  # [H, W]
-    won = torch.nn.functional.one_hot(winner[obj], Q).sum(dim=0)  # [Q] pixels won inside the object
+    # Only the object's own pixels are contested: the argmax runs over them, not the whole image.
+    winner = (mask_probs[:, obj] * scores[:, None]).argmax(dim=0)  # [object pixels]
+    won = torch.bincount(winner, minlength=Q)  # [Q] pixels won inside the object
     ratio = won.float() / obj_area.float()
     keep = (scores > score_thresh) & (ratio >= min_area_ratio) & (ratio <= max_area_ratio)
     query_ids = keep.nonzero().flatten()
-    won_masks = (winner[None] == query_ids[:, None, None]) & obj[None]
+    won_masks = torch.zeros((len(query_ids), *obj.shape), dtype=torch.bool, device=device)
+    won_masks[:, obj] = winner[None] == query_ids[:, None]
     return query_ids, won_masks, ratio[query_ids]

@@ -181,7 +181,7 @@ class PartDistillationModel(InstanceSegmentor):
         feats = self.encode_for_parts(images.tensor, with_parts=self.object_crop is None)
         obj_out = self.predict_objects(feats)
         part_out = None if self.object_crop is not None else self.predict_parts(feats)
-        return [self.inference_one(b, x, images, obj_out, part_out) for b, x in enumerate(batched_inputs)]
+        return [self.inference_one(*r) for r in self.infer(batched_inputs, images, obj_out, part_out)]
 
     def encode_for_parts(self, image_tensor, with_objects=True, with_parts=True):
         """Normalised padded images -> PartFeatures (what D^o and what D^p read).
@@ -277,29 +277,37 @@ class PartDistillationModel(InstanceSegmentor):
         c = self.part_criterion
         return {f"part_{k}": v for k, v in c.weighted(c(part_out, targets)).items()}
 
-    def crop_part_outputs(self, images, b, owner_masks, output_size):
-        """D^p on a crop of each owner object of image b: (class logits [M*Q, C+1], mask logits
-        [M*Q, H, W] at ``output_size``, query features [M*Q, D]); crop m's queries are rows m*Q..."""
+    def crop_part_outputs(self, images, owner_masks, output_sizes):
+        """D^p on a crop of each owner object of every image: per image (class logits [M*Q, C+1], mask
+        logits [M*Q, H, W] at its output size, query features [M*Q, D]); crop m's queries are rows m*Q..."""
         crop = self.object_crop
-        m = len(owner_masks)
-        if m == 0:
-            head = self.part_predictor.class_embed
-            return (torch.zeros((0, head.out_features), device=self.device),
-                    torch.zeros((0, *output_size), device=self.device),
-                    torch.zeros((0, head.in_features), device=self.device))
-        image_size = images.image_sizes[b]
-        out_boxes = crop.boxes(mask_boxes(owner_masks.bool()))
-        to_input = torch.tensor([image_size[1] / output_size[1], image_size[0] / output_size[0]] * 2,
-                                device=out_boxes.device)
-        crops = crop_regions(images.tensor, out_boxes * to_input, crop.size,
-                             batch_index=torch.full((m,), b, dtype=torch.long, device=self.device))
+        boxes, index = [], []
+        for b, (masks, size) in enumerate(zip(owner_masks, output_sizes)):
+            out_boxes = crop.boxes(mask_boxes(masks.bool()))
+            image_size = images.image_sizes[b]
+            to_input = torch.tensor([image_size[1] / size[1], image_size[0] / size[0]] * 2, device=out_boxes.device)
+            boxes.append((out_boxes, out_boxes * to_input))
+            index += [b] * len(masks)
+        head = self.part_predictor.class_embed
+        if not index:
+            return [(torch.zeros((0, head.out_features), device=self.device), torch.zeros((0, *size), device=self.device),
+                     torch.zeros((0, head.in_features), device=self.device)) for size in output_sizes]
+        crops = crop_regions(images.tensor, torch.cat([bi for _, bi in boxes]), crop.size,
+                             batch_index=torch.tensor(index, device=self.device))
+        # All crops of the batch in one pass of the part branch.
         part_out = self.predict_parts(self.encode_for_parts(crops, with_objects=False))
-        logits = F.interpolate(part_out["pred_masks"].float(), size=(crop.size, crop.size), mode="bilinear",
-                               align_corners=False)
-        masks = paste_regions(logits, out_boxes, output_size)
-        if crop.clip_to_object:
-            masks = torch.where(owner_masks.bool()[:, None], masks, torch.full_like(masks, OUTSIDE_LOGIT))
-        return (part_out["pred_logits"].flatten(0, 1), masks.flatten(0, 1), part_out["query_features"].flatten(0, 1))
+        results, start = [], 0
+        for (out_boxes, _), masks, size in zip(boxes, owner_masks, output_sizes):
+            sl = slice(start, start + len(masks))
+            start += len(masks)
+            logits = F.interpolate(part_out["pred_masks"][sl].float(), size=(crop.size, crop.size), mode="bilinear",
+                                   align_corners=False)
+            pasted = paste_regions(logits, out_boxes, size)
+            if crop.clip_to_object:
+                pasted = torch.where(masks.bool()[:, None], pasted, torch.full_like(pasted, OUTSIDE_LOGIT))
+            results.append((part_out["pred_logits"][sl].flatten(0, 1), pasted.flatten(0, 1),
+                            part_out["query_features"][sl].flatten(0, 1)))
+        return results
 
     def owner_objects(self, x, objects, output_size):
         """(owner masks Bool[M, H, W], owner classes [M]) of one input: GT or D^o's ``objects``."""
@@ -307,25 +315,25 @@ class PartDistillationModel(InstanceSegmentor):
             return self.gt_objects(x, output_size)
         return objects.pred_masks, objects.pred_classes
 
-    def part_outputs(self, b, images, part_out, owner_masks, output_size):
-        """(class logits, mask logits at ``output_size``, query features) of image b's part queries."""
+    def part_outputs(self, images, part_out, owner_masks, output_sizes):
+        """Per image (class logits, mask logits at its output size, query features) of its part queries:
+        of ``part_out`` (whole images) or of crops of ``owner_masks`` (OBJECT_CROP)."""
         if self.object_crop is not None:
-            return self.crop_part_outputs(images, b, owner_masks, output_size)
-        masks = masks_to_output(part_out["pred_masks"][b], images.tensor.shape[-2:], images.image_sizes[b],
-                                output_size)
-        return part_out["pred_logits"][b], masks, part_out["query_features"][b]
+            return self.crop_part_outputs(images, owner_masks, output_sizes)
+        return [(part_out["pred_logits"][b],
+                 masks_to_output(part_out["pred_masks"][b], images.tensor.shape[-2:], images.image_sizes[b], size),
+                 part_out["query_features"][b]) for b, size in enumerate(output_sizes)]
 
-    def owners_and_part_masks(self, b, x, images, obj_out, part_out):
-        """(D^o's objects, owner masks, owner classes, (part class logits, mask logits at output size,
-        query features)) of image b."""
-        objects = self.objects_of(obj_out, b, images, x)
-        output_size = self.output_size(x, images.image_sizes[b])
-        owner_masks, owner_classes = self.owner_objects(x, objects, output_size)
-        return objects, owner_masks, owner_classes, self.part_outputs(b, images, part_out, owner_masks, output_size)
+    def infer(self, batched_inputs, images, obj_out, part_out):
+        """Per input (D^o's objects, owner masks, owner classes, part outputs as ``part_outputs``)."""
+        sizes = [self.output_size(x, images.image_sizes[b]) for b, x in enumerate(batched_inputs)]
+        objects = [self.objects_of(obj_out, b, images, x) for b, x in enumerate(batched_inputs)]
+        owners = [self.owner_objects(x, o, s) for x, o, s in zip(batched_inputs, objects, sizes)]
+        parts = self.part_outputs(images, part_out, [m for m, _ in owners], sizes)
+        return [(o, m, c, p) for o, (m, c), p in zip(objects, owners, parts)]
 
-    def inference_one(self, b, x, images, obj_out, part_out):
-        objects, owner_masks, owner_classes, (logits, part_masks, features) = self.owners_and_part_masks(
-            b, x, images, obj_out, part_out)
+    def inference_one(self, objects, owner_masks, owner_classes, part_outputs):
+        logits, part_masks, features = part_outputs
         rerank = self.uses_ranker(logits.shape[-1] - 1)
         parts = part_inference(
             logits, part_masks, owner_masks, owner_classes,

@@ -48,9 +48,8 @@ class SupervisedPartModel(PartDistillationModel):
         ret["part_criterion"] = SetCriterion(**args)
         return ret
 
-    def inference_one(self, b, x, images, obj_out, part_out):
-        objects, owner_masks, owner_classes, (logits, part_masks, features) = self.owners_and_part_masks(
-            b, x, images, obj_out, part_out)
+    def inference_one(self, objects, owner_masks, owner_classes, part_outputs):
+        logits, part_masks, features = part_outputs
         parts = category_part_inference(
             logits, part_masks, owner_masks, owner_classes,
             features=features if self.return_features else None,
