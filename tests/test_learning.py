@@ -14,7 +14,6 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import part_distill  # noqa: F401  (registers datasets and models)
-from part_distill.data.datasets.parts_world import register_parts_world
 from part_distill.data.parts_world import WorldSettings
 from part_distill.engine.learning_ablation import (DEFAULT_VARIANT, ablation_rows, build_ablation_steps,
                                                   write_ablation_table)
@@ -29,11 +28,8 @@ ITERS = 300
 
 
 @pytest.fixture(scope="module")
-def targets(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("ds"))
-    old = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = root
-    register_parts_world(SETTINGS)
+def targets(tiny_world_factory):
+    tiny_world_factory(SETTINGS)
     # The GT parts as single-class "part" targets (what a store of perfect pseudo-labels would hold).
     dicts = part_target_dicts(DatasetCatalog.get("parts_world_train_parts"))
     for d in dicts:
@@ -45,11 +41,6 @@ def targets(tmp_path_factory):
     yield name, dicts
     DatasetCatalog.remove(name)
     MetadataCatalog.remove(name)
-    if old is None:
-        os.environ.pop("DETECTRON2_DATASETS", None)
-    else:
-        os.environ["DETECTRON2_DATASETS"] = old
-    register_parts_world()
 
 
 def _train_and_fit(tmp_path, dataset, dicts, lr):

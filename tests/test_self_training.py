@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 import part_distill  # noqa: F401  (registers datasets and models)
 from detectron2.engine import HookBase
-from part_distill.data.datasets.parts_world import register_parts_world
 from part_distill.data.parts_world import WorldSettings
 from part_distill.engine import part_labels, self_training
 from part_distill.engine.part_labels import PartLabelFilters, object_part_labels
@@ -48,22 +47,14 @@ def tiny_cfg(out_dir, *opts):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("ds"))
-    old = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = root
-    register_parts_world(SETTINGS)
+def world(tmp_path_factory, tiny_world_factory):
+    tiny_world_factory(SETTINGS)
     tmp = tmp_path_factory.mktemp("st")
     torch.manual_seed(0)
     model = PartDistillTrainer.build_model(tiny_cfg(tmp / "init"))
     weights = str(tmp / "teacher.pth")
     torch.save({"model": model.state_dict()}, weights)
     yield {"tmp": tmp, "weights": weights}
-    if old is None:
-        os.environ.pop("DETECTRON2_DATASETS", None)
-    else:
-        os.environ["DETECTRON2_DATASETS"] = old
-    register_parts_world()
 
 
 def _needs_ranker():

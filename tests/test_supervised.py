@@ -9,7 +9,6 @@ from fvcore.common.checkpoint import _IncompatibleKeys
 
 import part_distill  # noqa: F401  (registers datasets and models)
 from detectron2.data import DatasetCatalog
-from part_distill.data.datasets.parts_world import register_parts_world
 from part_distill.data.parts_world import WorldSettings
 from part_distill.engine.few_shot_table import build_few_shot_steps, few_shot_markdown, write_few_shot_table
 from part_distill.engine.setup import build_cfg
@@ -68,17 +67,9 @@ def test_identity_miou_matches_brute_force(seed, unlabeled, restricted):
 
 # ---------------------------------------------------------------- tiny world runs
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("ds"))
-    old = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = root
-    register_parts_world(SETTINGS)
+def world(tmp_path_factory, tiny_world_factory):
+    tiny_world_factory(SETTINGS)
     yield tmp_path_factory.mktemp("sup")
-    if old is None:
-        os.environ.pop("DETECTRON2_DATASETS", None)
-    else:
-        os.environ["DETECTRON2_DATASETS"] = old
-    register_parts_world()
 
 
 def tiny_cfg(out_dir, *opts):

@@ -24,7 +24,7 @@ from ..data.mappers import InstanceLSJMapper
 from ..mining.miner import records_to_shard
 from ..mining.object_sources import MinedObject
 from ..mining.store import OBJECT_STRIDE, PART_STRIDE, PartStore, config_hash, finish_store
-from ..modeling.meta_arch.postprocess import mask_quality, masks_to_output
+from ..modeling.meta_arch.postprocess import mask_quality
 from ..modeling.part_candidates import select_part_candidates
 from ..utils.masks import decode_rle
 
