@@ -196,6 +196,34 @@ def test_round_resumes_after_kill(world, monkeypatch):
     assert seen == [] and again["checkpoint"] == info["checkpoint"]
 
 
+def test_round_records_fit_and_its_labels_ar(world):
+    """round.json keeps the student's fit to its labels (evaluation/fit.py, recomputed here) and the
+    labels' own AR on the GT parts of the labelled images (the store evaluator, recomputed here)."""
+    from detectron2.data import DatasetCatalog
+
+    from part_distill.data.pseudo_labels import PseudoLabelFilters, load_pseudo_labels
+    from part_distill.evaluation.fit import fit_to_pseudo_labels
+    from part_distill.evaluation.store_predictions import evaluate_store
+    from part_distill.modeling.checkpoint import PartDistillCheckpointer
+
+    tmp, weights = world["tmp"], world["weights"]
+    cfg = tiny_cfg(tmp / "fit", "MODEL.WEIGHTS", weights, "PART_DISTILL.FIT.NUM_IMAGES", "3",
+                   "PART_DISTILL.SELF_TRAIN.LABEL_EVAL_DATASET", "parts_world_train_parts")
+    info = run_rounds(cfg, stage="self_train", num_rounds=1)
+    fit = info["eval"]["fit"]
+    assert fit["num_images"] == 3 and 0.0 <= fit["mean_best_iou"] <= 1.0
+    student = PartDistillTrainer.build_model(cfg)
+    PartDistillCheckpointer(student).load(info["checkpoint"])
+    labels = load_pseudo_labels(info["labels"]["manifest"], PseudoLabelFilters.from_config(cfg))
+    again = fit_to_pseudo_labels(student, cfg, labels, num_images=3)
+    assert again["mean_best_iou"] == pytest.approx(fit["mean_best_iou"])
+    assert len(DatasetCatalog.get("parts_world_train_parts")) == SETTINGS.num_train
+    ar_cfg = tiny_cfg(tmp / "fit_eval", "TEST.PARTS.EVALUATORS", '["PartAREvaluator"]')
+    expected = evaluate_store(ar_cfg, info["labels"]["manifest"], "parts_world_train_parts", str(tmp / "fit_eval"))
+    assert info["labels"]["eval"] == json.loads(json.dumps(expected))
+    assert "AR@200-gtobj_union" in info["labels"]["eval"]["parts_ar"]
+
+
 # ---------------------------------------------------------------- ranking installs prototypes
 def test_ranking_installs_prototypes_used_by_model(world):
     from part_distill.engine.ranking_stage import run_ranking
