@@ -33,6 +33,8 @@ VARIANTS = {
     "crop_encoder": ("object crops, encoder frozen, new schedule", ["MODEL.PART_DISTILL.FREEZE", "encoder"]),
     "crop_reference": ("object crops, reference freezing, new schedule", ["MODEL.PART_DISTILL.FREEZE", "reference"]),
     "crop_part_branch": ("object crops, ours (part pixel decoder), new schedule = the shipped default", []),
+    "crop_ema_teacher": ("the default with an EMA teacher between rounds (decay 0.99)",
+                         ["PART_DISTILL.SELF_TRAIN.TEACHER", "ema"]),
 }
 DEFAULT_VARIANT = "crop_part_branch"
 # The steps whose wall time is the row's CPU minutes.
