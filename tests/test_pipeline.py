@@ -69,7 +69,8 @@ def test_report_collects_stage_metrics_and_updates_readme(tmp_path):
         {"parts_ar": {"AR@200": 12.5, "AR@200-gtobj_union": 20.0}, "parts_nmi_ari": {"NMI": 30.0, "ARI": 10.0}}))
     (out / "self_train" / "round_0").mkdir(parents=True)
     (out / "self_train" / "round_0" / "round.json").write_text(json.dumps(
-        {"eval": {"parts_ar": {"AR@200": 40.0}, "parts_miou": {"mIoU": 33.3}}}))
+        {"eval": {"parts_ar": {"AR@200": 40.0}, "parts_miou": {"mIoU": 33.3}, "fit": {"mean_best_iou": 0.714}},
+         "labels": {"eval": {"parts_ar": {"AR@200-gtobj_union": 26.25}}}}))
     (out / "eval" / "mined_pred").mkdir(parents=True)
     (out / "eval" / "mined_pred" / "eval_results.json").write_text(json.dumps(
         {"parts_ar": {"AR@200": 7.5}, "parts_miou": {"mIoU": 5.0}}))
@@ -83,10 +84,11 @@ def test_report_collects_stage_metrics_and_updates_readme(tmp_path):
     text = write_demo_report(str(out), {"a": "skipped", "b": 3.0}, readme=str(readme))
     assert "steps run now: b 3s" in text
     assert "| mined parts only (no learning) | 7.5 | 5.0 | 20.0 | n/a | 30.0 | 10.0 |" in text
-    # a class-agnostic row's predicted-object AR is its unrestricted AR (ownership does not change it)
-    assert "| self-training round 1 | 40.0 | n/a | n/a | n/a | n/a | n/a |" in text
+    # a crop model's parts depend on their owners: no predicted-object AR without its own evaluation;
+    # the fit (2 decimals) and the AR of the round's own training labels are shown
+    assert "| self-training round 1 | n/a | n/a | n/a | n/a | n/a | n/a | 0.71 | 26.2 |" in text
     new = readme.read_text()
-    assert new.startswith("intro\n") and new.endswith("outro\n") and "old" not in new and "| 40.0 |" in new
+    assert new.startswith("intro\n") and new.endswith("outro\n") and "old" not in new and "| 26.2 |" in new
     assert (out / "report.html").exists() and (out / "ar_vs_k.png").exists()
     assert not update_readme(str(tmp_path / "missing.md"), "x")
 

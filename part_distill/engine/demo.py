@@ -131,8 +131,8 @@ PREDICTED_OBJECT_EVALS = {
 }
 
 # rows of the results table: (label, evaluation with GT objects, evaluation with predicted objects),
-# files relative to the demo output. Class-agnostic rows have no predicted-object file: their parts and
-# scores do not depend on the owner object, so their unrestricted AR is the predicted-object AR.
+# files relative to the demo output. Class-agnostic rows have no predicted-object evaluation: the part
+# decoder reads crops of the owner objects, so their GT-object run says nothing about predicted objects.
 RESULT_ROWS = [
     ("mined parts only (no learning)", "eval/mined/eval_results.json", "eval/mined_pred/eval_results.json"),
     ("one-stage baseline (dataset-level clusters + self-training)", "one_stage/eval_results.json",
@@ -178,8 +178,6 @@ def collect_results(out):
         flat = _read_flat(path)
         if label.startswith(CLASS_AGNOSTIC_ROWS):
             flat = {k: v for k, v in flat.items() if k.split("-")[0] not in CLUSTER_METRICS}
-            if "AR@200" in flat:
-                flat["AR@200-pred"] = flat["AR@200"]
         elif pred_rel and os.path.exists(os.path.join(out, pred_rel)):
             flat.update({f"{k}-pred": v for k, v in _read_flat(os.path.join(out, pred_rel)).items()})
         labels_ar = _training_labels_ar(out, label, path)
