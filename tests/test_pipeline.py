@@ -82,7 +82,7 @@ def test_report_collects_stage_metrics_and_updates_readme(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- demo-results:start -->\nold\n<!-- demo-results:end -->\noutro\n")
     text = write_demo_report(str(out), {"a": "skipped", "b": 3.0}, readme=str(readme))
-    assert "steps run now: b 3s" in text
+    assert "steps (as last run, timings.json): b 3s" in text
     assert "| mined parts only (no learning) | 7.5 | 5.0 | 20.0 | n/a | 30.0 | 10.0 |" in text
     # a crop model's parts depend on their owners: no predicted-object AR without its own evaluation;
     # the fit (2 decimals) and the AR of the round's own training labels are shown

@@ -337,7 +337,7 @@ def write_demo_report(out, timings=None, readme=None, failed=None):
              "(NMI/ARI with GT objects). n/a: a class-agnostic model has no cluster ids.", ""]
     ran = {k: v for k, v in (timings or {}).items() if v != "skipped"}
     if ran:
-        text += ["Wall times of the steps run now: " + ", ".join(f"{k} {v:.0f}s" for k, v in ran.items()), ""]
+        text += ["Wall times of the steps (as last run, timings.json): " + ", ".join(f"{k} {v:.0f}s" for k, v in ran.items()), ""]
     text = "\n".join(text)
     with atomic_open(os.path.join(out, "results.md")) as f:
         f.write(text)
