@@ -334,10 +334,15 @@ def write_demo_report(out, timings=None, readme=None, failed=None):
     text += [results_markdown(collect_results(out)), "",
              "pred. obj.: parts belong to the teacher's predicted objects (score >= 0.5) and AR counts every "
              "proposal; GT obj.: parts belong to the ground-truth objects and AR clips proposals to their union "
-             "(NMI/ARI with GT objects). n/a: a class-agnostic model has no cluster ids.", ""]
+             "(NMI/ARI with GT objects). n/a: a class-agnostic model has no cluster ids, its parts are not "
+             "evaluated with predicted objects (the part decoder reads crops of the owner objects), and fit / "
+             "train-labels AR are shown for the stages that train on labels. fit IoU: mean best IoU of the "
+             "model's masks with its own training labels on 16 training images; train-labels AR@200: the AR of "
+             "those labels on the training images' GT parts.", ""]
     ran = {k: v for k, v in (timings or {}).items() if v != "skipped"}
     if ran:
-        text += ["Wall times of the steps (as last run, timings.json): " + ", ".join(f"{k} {v:.0f}s" for k, v in ran.items()), ""]
+        text += ["Wall times of the steps (as last run, timings.json): "
+                 + ", ".join(f"{k} {v:.0f}s" for k, v in ran.items()), ""]
     text = "\n".join(text)
     with atomic_open(os.path.join(out, "results.md")) as f:
         f.write(text)
