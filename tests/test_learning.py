@@ -118,4 +118,5 @@ def test_ablation_steps_and_table_read_what_the_stages_wrote(tmp_path):
                                 "CPU min": pytest.approx(3.0)}
     assert rows[DEFAULT_VARIANT]["CPU min"] == pytest.approx(1.0) and rows[DEFAULT_VARIANT]["AR@200 stage 2"] is None
     text = write_ablation_table(out, demo, ["previous"])
+    assert os.path.getsize(os.path.join(out, "tradeoff.png")) > 0
     assert "| previous |" in text and "| 0.24 | 3.5 | 3.3 | 4.7 | 20.0 | 10.5 | 5.8 | 3.0 |" in text

@@ -14,7 +14,7 @@ from .demo import SELF_TRAIN_ROUNDS, _fmt, _read_flat, part_stage_steps, update_
 from .pipeline import read_timings
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANT", "build_ablation_steps", "ablation_rows", "ablation_markdown",
-           "write_ablation_table"]
+           "plot_tradeoff", "write_ablation_table"]
 
 # The schedule before this ablation (proposal.yaml / self_train.yaml of commit 6bf2c9b).
 _OLD_SCHEDULE = ["SOLVER.BASE_LR", "0.0003", "SOLVER.MAX_ITER", "150", "SOLVER.STEPS", "(130,)",
@@ -104,10 +104,38 @@ def ablation_markdown(rows, mined=None):
     return "\n".join(lines)
 
 
-def write_ablation_table(out, demo_out, variants, doc=None):
-    """<out>/ablation.md (and the block between the ablation markers of ``doc``); returns the table."""
-    text = ablation_markdown(ablation_rows(out, variants, demo_out),
-                             _maybe(os.path.join(demo_out, "eval", "mined", "eval_results.json")))
+def plot_tradeoff(rows, path, mined_ar=None):
+    """Stage-4 AR@200 against the stages' CPU minutes, one point per variant (PNG, atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=100)
+    for v, m in rows:
+        if m["CPU min"] is not None and m["AR@200 stage 4"] is not None:
+            ax.scatter(m["CPU min"], m["AR@200 stage 4"])
+            ax.annotate(v, (m["CPU min"], m["AR@200 stage 4"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if mined_ar is not None:
+        ax.axhline(mined_ar, color="gray", linestyle="--", linewidth=1, label="mined parts (no learning)")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("CPU minutes of stages 2-4 (2 cores)")
+    ax.set_ylabel("AR@200 of stage 4, GT objects (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def write_ablation_table(out, demo_out, variants, doc=None, plot=None):
+    """<out>/ablation.md and tradeoff.png (and the block between the ablation markers of ``doc``, and the
+    plot at ``plot`` too); returns the table."""
+    rows = ablation_rows(out, variants, demo_out)
+    mined = _maybe(os.path.join(demo_out, "eval", "mined", "eval_results.json"))
+    for path in [os.path.join(out, "tradeoff.png")] + ([plot] if plot else []):
+        plot_tradeoff(rows, path, mined.get("AR@200-gtobj_union"))
+    text = ablation_markdown(rows, mined)
     with atomic_open(os.path.join(out, "ablation.md")) as f:
         f.write(text + "\n")
     if doc:
