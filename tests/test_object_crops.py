@@ -118,3 +118,8 @@ def test_crop_training_needs_the_part_owners(tmp_path):
     del x["part_objects"]
     with pytest.raises(KeyError, match="part_objects"):
         model.train()([x])
+
+
+def test_crop_model_refuses_a_training_instance_decoder(tmp_path):
+    with pytest.raises(ValueError, match="FREEZE_INSTANCE_DECODER"):
+        _crop_model(tmp_path, "MODEL.PART_DISTILL.FREEZE_INSTANCE_DECODER", "False")

@@ -88,6 +88,10 @@ class PartDistillationModel(InstanceSegmentor):
             raise ValueError(f"MODEL.PART_DISTILL.OBJECTS must be one of {OBJECT_SOURCES}, got {objects!r}")
         if freeze not in FREEZE_MODES:
             raise ValueError(f"MODEL.PART_DISTILL.FREEZE must be one of {FREEZE_MODES}, got {freeze!r}")
+        if object_crop is not None and not freeze_instance_decoder:
+            # Crop batches hold objects, not images: D^o has no targets there.
+            raise ValueError("MODEL.PART_DISTILL.OBJECT_CROP trains the part decoder only: set "
+                             "MODEL.PART_DISTILL.FREEZE_INSTANCE_DECODER True")
         if (freeze == "part_branch") != (part_pixel_decoder is not None):
             raise ValueError("a part pixel decoder is built for, and only for, MODEL.PART_DISTILL.FREEZE 'part_branch'")
         self.part_predictor = part_predictor
