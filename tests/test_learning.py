@@ -98,10 +98,12 @@ def test_ablation_steps_and_table_read_what_the_stages_wrote(tmp_path):
     _write(os.path.join(demo, "mined_train", "manifest.json"), {})
     steps = build_ablation_steps(out, demo, ["previous", DEFAULT_VARIANT])
     assert [s.name for s in steps] == [f"{v}.{st}" for v in ("previous", DEFAULT_VARIANT)
-                                       for st in ("proposal", "self_train", "ranking", "distill")]
-    # A variant's overrides reach every stage; the default row is the demo's own stages.
-    assert all("encoder" in s.argv for s in steps[:4]) and steps[0].done_file.startswith(out)
-    assert steps[4].done_file == os.path.join(demo, "proposal", "eval_results.json")
+                                       for st in ("proposal", "self_train", "ranking", "distill", "eval_distill_pred")]
+    # A variant's overrides reach every stage and its predicted-object evaluation; the default row is the
+    # demo's own stages.
+    assert all("encoder" in s.argv for s in steps[:5]) and steps[0].done_file.startswith(out)
+    assert steps[5].done_file == os.path.join(demo, "proposal", "eval_results.json")
+    assert steps[9].done_file == os.path.join(demo, "eval", "distill_pred", "eval_results.json")
     with pytest.raises(ValueError, match="unknown ablation variants"):
         build_ablation_steps(out, demo, ["nope"])
     r = os.path.join(out, "previous")
@@ -110,13 +112,16 @@ def test_ablation_steps_and_table_read_what_the_stages_wrote(tmp_path):
     _write(os.path.join(r, "self_train", "round_1", "round.json"), {"eval": {"parts_ar": {"AR@200-gtobj_union": 3.3}}})
     _write(os.path.join(r, "distill", "eval_results.json"),
            {"parts_ar": {"AR@200-gtobj_union": 4.7}, "parts_miou": {"mIoU": 20.0}, "parts_nmi_ari": {"NMI": 10.5, "ARI": 5.8}})
+    _write(os.path.join(r, "eval", "distill_pred", "eval_results.json"),
+           {"parts_ar": {"AR@200": 3.0}, "parts_miou": {"mIoU": 18.0}})
     record_timings(out, {"previous.proposal": 60.0, "previous.self_train": 120.0, "previous.ranking": "skipped"})
     record_timings(demo, {"proposal": 30.0, "distill": 30.0})
     rows = dict(ablation_rows(out, ["previous", DEFAULT_VARIANT], demo))
     assert rows["previous"] == {"fit IoU (train)": 0.24, "AR@200 stage 2": 3.5, "AR@200 self-training r2": 3.3,
                                 "AR@200 stage 4": 4.7, "mIoU stage 4": 20.0, "NMI": 10.5, "ARI": 5.8,
+                                "AR@200 stage 4 pred. obj.": 3.0, "mIoU stage 4 pred. obj.": 18.0,
                                 "CPU min": pytest.approx(3.0)}
     assert rows[DEFAULT_VARIANT]["CPU min"] == pytest.approx(1.0) and rows[DEFAULT_VARIANT]["AR@200 stage 2"] is None
     text = write_ablation_table(out, demo, ["previous"])
     assert os.path.getsize(os.path.join(out, "tradeoff.png")) > 0
-    assert "| previous |" in text and "| 0.24 | 3.5 | 3.3 | 4.7 | 20.0 | 10.5 | 5.8 | 3.0 |" in text
+    assert "| previous |" in text and "| 0.24 | 3.5 | 3.3 | 4.7 | 20.0 | 10.5 | 5.8 | 3.0 | 18.0 | 3.0 |" in text

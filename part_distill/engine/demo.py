@@ -70,14 +70,7 @@ def build_demo_steps(out, num_gpus=0, teacher_dir=None, mining_opts=()):
             j("eval", name[len("eval_"):], "eval_results.json"), f"evaluate the parts of {store} (no learning)"))
     steps += part_stage_steps(out, teacher, j("mined_train", "manifest.json"), launch,
                               one_stage_manifest=j("mined_train_clusters", "manifest.json"))
-    for stage, weights in PREDICTED_OBJECT_EVALS.items():
-        steps.append(Step(
-            f"eval_{stage}_pred",
-            ["tools/train_net.py", "--config-file", f"{CFG}/{stage}.yaml", "--eval-only", *launch,
-             "MODEL.WEIGHTS", j(weights), "MODEL.PART_DISTILL.OBJECTS", "predicted",
-             "MODEL.PART_DISTILL.TEST.OBJECT_SCORE_THRESH", str(PRED_OBJECT_SCORE), "OUTPUT_DIR", j("eval", f"{stage}_pred")],
-            j("eval", f"{stage}_pred", "eval_results.json"),
-            f"evaluate the {stage} model with the teacher's predicted objects instead of GT objects"))
+    steps += [predicted_object_eval_step(out, stage, launch) for stage in PREDICTED_OBJECT_EVALS]
     world = os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "parts_world")
     val_images = [os.path.join(world, "images", "val", f"{i:06d}.png") for i in range(4)]
     steps.append(Step(
@@ -121,6 +114,18 @@ def part_stage_steps(out, teacher, mined_manifest, launch=(), extra_opts=(), one
                   "PART_DISTILL.ONE_STAGE.ROUNDS", str(SELF_TRAIN_ROUNDS), *extra_opts, "OUTPUT_DIR", j(stage)],
                  j(stage, "eval_results.json"), STAGE_TEXT[stage])
             for stage, opts in stage_opts.items()]
+
+
+def predicted_object_eval_step(out, stage, launch=(), extra_opts=()):
+    """The evaluation of ``stage``'s model under ``out`` with D^o's objects (score >= PRED_OBJECT_SCORE)."""
+    j = lambda *p: os.path.join(out, *p)  # noqa: E731
+    return Step(
+        f"eval_{stage}_pred",
+        ["tools/train_net.py", "--config-file", f"{CFG}/{stage}.yaml", "--eval-only", *launch,
+         "MODEL.WEIGHTS", j(PREDICTED_OBJECT_EVALS[stage]), *extra_opts, "MODEL.PART_DISTILL.OBJECTS", "predicted",
+         "MODEL.PART_DISTILL.TEST.OBJECT_SCORE_THRESH", str(PRED_OBJECT_SCORE), "OUTPUT_DIR", j("eval", f"{stage}_pred")],
+        j("eval", f"{stage}_pred", "eval_results.json"),
+        f"evaluate the {stage} model with the teacher's predicted objects instead of GT objects")
 
 
 # Models whose parts depend on which objects own them get a second evaluation with predicted objects.

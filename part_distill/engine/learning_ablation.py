@@ -10,7 +10,7 @@ import dataclasses
 import os
 
 from ..utils.io import atomic_open
-from .demo import SELF_TRAIN_ROUNDS, _fmt, _read_flat, part_stage_steps, update_readme
+from .demo import SELF_TRAIN_ROUNDS, _fmt, _read_flat, part_stage_steps, predicted_object_eval_step, update_readme
 from .pipeline import read_timings
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANT", "build_ablation_steps", "ablation_rows", "ablation_markdown",
@@ -60,7 +60,10 @@ def build_ablation_steps(out, demo_out, variants, num_gpus=0):
     launch = ["--num-gpus", str(num_gpus)] if num_gpus > 1 else []
     steps = []
     for v in variants:
-        for step in part_stage_steps(_variant_dir(out, v, demo_out), teacher, mined, launch, extra_opts=VARIANTS[v][1]):
+        d = _variant_dir(out, v, demo_out)
+        # Stage 4 with D^o's objects too: what each freezing does to the objects that own the parts.
+        for step in part_stage_steps(d, teacher, mined, launch, extra_opts=VARIANTS[v][1]) + [
+                predicted_object_eval_step(d, "distill", launch, extra_opts=VARIANTS[v][1])]:
             steps.append(dataclasses.replace(step, name=f"{v}.{step.name}", description=f"{v}: {step.description}"))
     return steps
 
@@ -80,6 +83,7 @@ def ablation_rows(out, variants, demo_out):
         proposal = _maybe(os.path.join(d, "proposal", "eval_results.json"))
         last = _maybe(os.path.join(d, "self_train", f"round_{SELF_TRAIN_ROUNDS - 1}", "round.json"))
         distill = _maybe(os.path.join(d, "distill", "eval_results.json"))
+        distill_pred = _maybe(os.path.join(d, "eval", "distill_pred", "eval_results.json"))
         secs = [timings[f"{v}.{stage}"] for stage in STAGES if f"{v}.{stage}" in timings]
         rows.append((v, {
             "fit IoU (train)": proposal.get("mean_best_iou"),
@@ -87,6 +91,7 @@ def ablation_rows(out, variants, demo_out):
             f"AR@200 self-training r{SELF_TRAIN_ROUNDS}": last.get("AR@200-gtobj_union"),
             "AR@200 stage 4": distill.get("AR@200-gtobj_union"),
             "mIoU stage 4": distill.get("mIoU"), "NMI": distill.get("NMI"), "ARI": distill.get("ARI"),
+            "AR@200 stage 4 pred. obj.": distill_pred.get("AR@200"), "mIoU stage 4 pred. obj.": distill_pred.get("mIoU"),
             "CPU min": sum(secs) / 60.0 if secs else None,
         }))
     return rows
