@@ -165,6 +165,11 @@ def _read_flat(path):
         res = json.load(f)
     if path.endswith("round.json"):  # a self-training round keeps its evaluation inside
         res = res.get("eval") or {}
+    return _flatten(res)
+
+
+def _flatten(res):
+    """{task: {metric: value}} -> {metric: value}."""
     flat = {}
     for task in res.values():
         if isinstance(task, dict):
@@ -198,8 +203,7 @@ def _training_labels_ar(out, label, path):
     if path.endswith("round.json"):
         with open(path) as f:
             labels_eval = json.load(f).get("labels", {}).get("eval") or {}
-        flat = {k: v for task in labels_eval.values() if isinstance(task, dict) for k, v in task.items()}
-        return flat.get("AR@200-gtobj_union")
+        return _flatten(labels_eval).get("AR@200-gtobj_union")
     mined_train = os.path.join(out, "eval", "mined_train", "eval_results.json")
     if label.startswith(("mined parts only", "part proposal")) and os.path.exists(mined_train):
         return _read_flat(mined_train).get("AR@200-gtobj_union")

@@ -193,17 +193,15 @@ class PartDistillationModel(InstanceSegmentor):
         ``with_objects=False`` may leave D^o's pair None (with a part pixel decoder, nothing else reads it);
         ``with_parts=False`` leaves D^p's pair None (object crops: D^p reads the crops instead).
         """
-        if not with_parts:
-            with torch.no_grad() if self.freeze != "none" else contextlib.nullcontext():
-                mask_features, multi_scale = self.sem_seg_head.encode(self.backbone(image_tensor))
-            return PartFeatures(mask_features, multi_scale, None, None)
         with torch.no_grad() if self.freeze != "none" else contextlib.nullcontext():
             features = self.backbone(image_tensor)
         mask_features = multi_scale = None
-        if with_objects or self.part_pixel_decoder is None:
+        if with_objects or (with_parts and self.part_pixel_decoder is None):
             # The teacher's pixel decoder needs no graph when nothing of it trains.
             with torch.no_grad() if self.freeze in ("encoder", "part_branch") else contextlib.nullcontext():
                 mask_features, multi_scale = self.sem_seg_head.encode(features)
+        if not with_parts:
+            return PartFeatures(mask_features, multi_scale, None, None)
         part_mask_features, part_multi_scale = mask_features, multi_scale
         if self.part_pixel_decoder is not None:
             part_mask_features, _, part_multi_scale = self.part_pixel_decoder.forward_features(features)
