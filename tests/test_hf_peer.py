@@ -122,12 +122,17 @@ def tiny_hf_swin_model():
     return randomize_(transformers.Mask2FormerForUniversalSegmentation(hf_config(backbone_config=swin)), seed=3)
 
 
-def test_hf_save_pretrained_folder_loads_into_our_model_and_matches(tmp_path):
-    """A user's HF Mask2Former (Swin) folder as MODEL.WEIGHTS: every key lands, the forward pass agrees."""
+@pytest.mark.parametrize("form", ["folder", "safetensors", "torch_save"])
+def test_hf_weights_load_into_our_model_and_match(tmp_path, form):
+    """A user's HF Mask2Former (Swin) as MODEL.WEIGHTS -- a save_pretrained folder, its safetensors file
+    or a torch.save of its state dict: every key lands, the whole forward pass agrees."""
     hf = tiny_hf_swin_model()
     hf.save_pretrained(tmp_path)
+    weights = {"folder": tmp_path, "safetensors": tmp_path / "model.safetensors", "torch_save": tmp_path / "hf.pth"}
+    if form == "torch_save":
+        torch.save(hf.state_dict(), weights[form])
     cfg = build_cfg("configs/mask2former_compat/maskformer2_swinL_coco_instance.yaml",
-                    SWIN_OPTS + ["MODEL.WEIGHTS", str(tmp_path)])
+                    SWIN_OPTS + ["MODEL.WEIGHTS", str(weights[form])])
     model = build_model(cfg).eval()
     checkpointer = PartDistillCheckpointer(model)
     checkpointer.load(cfg.MODEL.WEIGHTS)
@@ -148,6 +153,11 @@ def test_hf_save_pretrained_folder_loads_into_our_model_and_matches(tmp_path):
     assert max_abs_diff(logits, ref_logits) <= TOL
     assert max_abs_diff(masks, list(ref.masks_queries_logits)) <= TOL
     torch.testing.assert_close(model.criterion.empty_weight, hf.criterion.empty_weight, rtol=0, atol=0)
+
+
+def test_folder_without_weights_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        PartDistillCheckpointer(torch.nn.Linear(1, 1)).load(str(tmp_path))
 
 
 # ---------------------------------------------------------------- the comparison can fail
