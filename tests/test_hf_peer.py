@@ -46,7 +46,8 @@ HEIGHT, WIDTH = 64, 96  # non-square: a swapped (h, w) anywhere shows
 
 def backbone_features(seed=1, batch=2):
     g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(batch, c, HEIGHT // STRIDES[k], WIDTH // STRIDES[k], generator=g) for k, c in CHANNELS.items()}
+    return {k: torch.randn(batch, c, HEIGHT // STRIDES[k], WIDTH // STRIDES[k], generator=g)
+            for k, c in CHANNELS.items()}
 
 
 def our_pixel_decoder(state=None):
@@ -190,12 +191,14 @@ def _transpose(key):
 PD, PRED = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
 MUTATIONS = {
     "swapped query_feat/query_embed": _swap(PRED + "query_feat.weight", PRED + "query_embed.weight"),
-    "swapped q/k rows of a self-attention": _swap_q_k(PRED + "transformer_self_attention_layers.1.self_attn.in_proj_weight"),
+    "swapped q/k rows of a self-attention": _swap_q_k(
+        PRED + "transformer_self_attention_layers.1.self_attn.in_proj_weight"),
     "swapped encoder layers' FFNs": _swap(PD + "transformer.encoder.layers.0.linear1.weight",
                                           PD + "transformer.encoder.layers.1.linear1.weight"),
     "missing level embedding of one scale": _zero_row(PD + "transformer.level_embed", 1),
     "missing decoder level embedding of one scale": _zero_row(PRED + "level_embed.weight", 2),
-    "transposed deformable value projection": _transpose(PD + "transformer.encoder.layers.0.self_attn.value_proj.weight"),
+    "transposed deformable value projection": _transpose(
+        PD + "transformer.encoder.layers.0.self_attn.value_proj.weight"),
     "transposed cross-attention output projection": _transpose(
         PRED + "transformer_cross_attention_layers.1.multihead_attn.out_proj.weight"),
 }

@@ -160,7 +160,8 @@ def convert_hf_mask2former_state_dict(hf_state: Mapping[str, torch.Tensor], back
             out[prefix + target] = value
     for name, parts in packed.items():
         if sorted(parts) != [0, 1, 2]:
-            raise ValueError(f"'{name}': the HF state dict lacks the {'qkv'[min(set(range(3)) - set(parts))]} projection")
+            lacking = "qkv"[min(set(range(3)) - set(parts))]
+            raise ValueError(f"'{name}': the HF state dict lacks the {lacking} projection")
         out[name] = torch.cat([parts[0], parts[1], parts[2]], 0)
     return out
 
