@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 
 from part_distill.engine.setup import build_cfg
@@ -43,12 +44,13 @@ def _linear(name, out_c, in_c, bias=True):
     return d
 
 
-def official_resnet50_backbone():
-    """detectron2 ResNet-50 with FrozenBN (Mask2Former's R50 backbone)."""
-    d = {"stem.conv1.weight": (64, 3, 7, 7), **_norm("stem.conv1.norm", 64, True)}
-    in_c = 64
+def official_resnet50_backbone(stem=64, res2=256, width=64):
+    """detectron2 ResNet-50 with FrozenBN (Mask2Former's R50 backbone); the defaults are the real widths
+    (STEM_OUT_CHANNELS, RES2_OUT_CHANNELS, bottleneck width of res2)."""
+    d = {"stem.conv1.weight": (stem, 3, 7, 7), **_norm("stem.conv1.norm", stem, True)}
+    in_c = stem
     for stage, blocks in zip(range(2, 6), (3, 4, 6, 3)):
-        mid, out_c = 64 * 2 ** (stage - 2), 256 * 2 ** (stage - 2)
+        mid, out_c = width * 2 ** (stage - 2), res2 * 2 ** (stage - 2)
         for b in range(blocks):
             p = f"res{stage}.{b}"
             if b == 0:
@@ -59,7 +61,7 @@ def official_resnet50_backbone():
                 d[f"{p}.{conv}.weight"] = shape
                 d.update(_norm(f"{p}.{conv}.norm", shape[0], True))
         in_c = out_c
-    return {f"backbone.{k}": v for k, v in d.items()}, [256, 512, 1024, 2048]
+    return {f"backbone.{k}": v for k, v in d.items()}, [res2 * 2 ** i for i in range(4)]
 
 
 def official_swin_backbone(embed_dim, depths, num_heads, window):
@@ -84,54 +86,54 @@ def official_swin_backbone(embed_dim, depths, num_heads, window):
     return {f"backbone.{k}": v for k, v in d.items()}, dims
 
 
-def official_pixel_decoder(in_channels, enc_layers=6, n_heads=8, n_levels=3, n_points=4):
+def official_pixel_decoder(in_channels, enc_layers=6, n_heads=8, n_levels=3, n_points=4, hidden=HIDDEN, ffn=1024):
     d = {}
     for k, c in enumerate(in_channels[1:][::-1]):  # res5, res4, res3
-        d[f"input_proj.{k}.0.weight"] = (HIDDEN, c, 1, 1)
-        d[f"input_proj.{k}.0.bias"] = (HIDDEN,)
-        d.update(_norm(f"input_proj.{k}.1", HIDDEN))
-    d["transformer.level_embed"] = (n_levels, HIDDEN)
+        d[f"input_proj.{k}.0.weight"] = (hidden, c, 1, 1)
+        d[f"input_proj.{k}.0.bias"] = (hidden,)
+        d.update(_norm(f"input_proj.{k}.1", hidden))
+    d["transformer.level_embed"] = (n_levels, hidden)
     for layer in range(enc_layers):
         p = f"transformer.encoder.layers.{layer}"
-        d.update(_linear(f"{p}.self_attn.sampling_offsets", n_heads * n_levels * n_points * 2, HIDDEN))
-        d.update(_linear(f"{p}.self_attn.attention_weights", n_heads * n_levels * n_points, HIDDEN))
-        d.update(_linear(f"{p}.self_attn.value_proj", HIDDEN, HIDDEN))
-        d.update(_linear(f"{p}.self_attn.output_proj", HIDDEN, HIDDEN))
-        d.update(_norm(f"{p}.norm1", HIDDEN))
-        d.update(_linear(f"{p}.linear1", 1024, HIDDEN))
-        d.update(_linear(f"{p}.linear2", HIDDEN, 1024))
-        d.update(_norm(f"{p}.norm2", HIDDEN))
-    d["mask_features.weight"] = (HIDDEN, HIDDEN, 1, 1)
-    d["mask_features.bias"] = (HIDDEN,)
+        d.update(_linear(f"{p}.self_attn.sampling_offsets", n_heads * n_levels * n_points * 2, hidden))
+        d.update(_linear(f"{p}.self_attn.attention_weights", n_heads * n_levels * n_points, hidden))
+        d.update(_linear(f"{p}.self_attn.value_proj", hidden, hidden))
+        d.update(_linear(f"{p}.self_attn.output_proj", hidden, hidden))
+        d.update(_norm(f"{p}.norm1", hidden))
+        d.update(_linear(f"{p}.linear1", ffn, hidden))
+        d.update(_linear(f"{p}.linear2", hidden, ffn))
+        d.update(_norm(f"{p}.norm2", hidden))
+    d["mask_features.weight"] = (hidden, hidden, 1, 1)
+    d["mask_features.bias"] = (hidden,)
     # One FPN level (res2) below the stride-8 encoder input; GN convs have no bias.
-    d["adapter_1.weight"] = (HIDDEN, in_channels[0], 1, 1)
-    d.update(_norm("adapter_1.norm", HIDDEN))
-    d["layer_1.weight"] = (HIDDEN, HIDDEN, 3, 3)
-    d.update(_norm("layer_1.norm", HIDDEN))
+    d["adapter_1.weight"] = (hidden, in_channels[0], 1, 1)
+    d.update(_norm("adapter_1.norm", hidden))
+    d["layer_1.weight"] = (hidden, hidden, 3, 3)
+    d.update(_norm("layer_1.norm", hidden))
     return {f"sem_seg_head.pixel_decoder.{k}": v for k, v in d.items()}
 
 
-def official_predictor(num_queries, num_classes=80, dec_layers=9, ffn=2048):
+def official_predictor(num_queries, num_classes=80, dec_layers=9, ffn=2048, hidden=HIDDEN):
     d = {}
     for i in range(dec_layers):
         for module, attn in (("transformer_self_attention_layers", "self_attn"),
                              ("transformer_cross_attention_layers", "multihead_attn")):
             p = f"{module}.{i}"
-            d[f"{p}.{attn}.in_proj_weight"] = (3 * HIDDEN, HIDDEN)
-            d[f"{p}.{attn}.in_proj_bias"] = (3 * HIDDEN,)
-            d.update(_linear(f"{p}.{attn}.out_proj", HIDDEN, HIDDEN))
-            d.update(_norm(f"{p}.norm", HIDDEN))
+            d[f"{p}.{attn}.in_proj_weight"] = (3 * hidden, hidden)
+            d[f"{p}.{attn}.in_proj_bias"] = (3 * hidden,)
+            d.update(_linear(f"{p}.{attn}.out_proj", hidden, hidden))
+            d.update(_norm(f"{p}.norm", hidden))
         p = f"transformer_ffn_layers.{i}"
-        d.update(_linear(f"{p}.linear1", ffn, HIDDEN))
-        d.update(_linear(f"{p}.linear2", HIDDEN, ffn))
-        d.update(_norm(f"{p}.norm", HIDDEN))
-    d.update(_norm("decoder_norm", HIDDEN))
-    d["query_feat.weight"] = (num_queries, HIDDEN)
-    d["query_embed.weight"] = (num_queries, HIDDEN)
-    d["level_embed.weight"] = (3, HIDDEN)
-    d.update(_linear("class_embed", num_classes + 1, HIDDEN))
+        d.update(_linear(f"{p}.linear1", ffn, hidden))
+        d.update(_linear(f"{p}.linear2", hidden, ffn))
+        d.update(_norm(f"{p}.norm", hidden))
+    d.update(_norm("decoder_norm", hidden))
+    d["query_feat.weight"] = (num_queries, hidden)
+    d["query_embed.weight"] = (num_queries, hidden)
+    d["level_embed.weight"] = (3, hidden)
+    d.update(_linear("class_embed", num_classes + 1, hidden))
     for k in range(3):
-        d.update(_linear(f"mask_embed.layers.{k}", HIDDEN, HIDDEN))
+        d.update(_linear(f"mask_embed.layers.{k}", hidden, hidden))
     return {f"sem_seg_head.predictor.{k}": v for k, v in d.items()}
 
 
@@ -155,7 +157,9 @@ def fill_random(shapes, seed=0):
 
 
 def official_to_ours(key):
-    """Expected name in our model: Swin patch merging moves from the end of stage i to the start of i+1."""
+    """Expected name in our model: Swin patch merging moves from the end of stage i to the start of i+1;
+    the learned queries of older releases, ``static_query``, are our ``query_feat``."""
+    key = key.replace("sem_seg_head.predictor.static_query.", "sem_seg_head.predictor.query_feat.")
     parts = key.split(".")
     if key.startswith("backbone.layers.") and parts[3] == "downsample":
         parts[2] = str(int(parts[2]) + 1)
@@ -170,15 +174,16 @@ def save_checkpoint(state, path, fmt):
         torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}}, path)
 
 
-def load_and_check(config, official, tmp_path, fmt, meta=False):
-    """Build the model of ``config``, load ``official`` saved as ``fmt`` with our checkpointer, compare.
+def load_and_check(config, official, tmp_path, fmt, meta=False, opts=()):
+    """Build the model of ``config`` (+ ``opts``), load ``official`` saved as ``fmt`` the way training
+    does (``resume_or_load`` of our DetectionCheckpointer), compare every value.
 
     ``meta``: construct on the meta device and allocate without initialisation (Swin-L's 200M
     parameters take most of a test's time to initialise; every persistent value is loaded anyway).
     """
     path = tmp_path / f"model_final.{fmt}"
     save_checkpoint(official, path, fmt)
-    cfg = build_cfg(str(CONFIGS / config), ["MODEL.WEIGHTS", str(path), "MODEL.DEVICE", "cpu"])
+    cfg = build_cfg(str(CONFIGS / config), ["MODEL.WEIGHTS", str(path), "MODEL.DEVICE", "cpu", *opts])
     if meta:
         with torch.device("meta"):
             model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
@@ -186,7 +191,8 @@ def load_and_check(config, official, tmp_path, fmt, meta=False):
     else:
         model = build_model(cfg)
     checkpointer = PartDistillCheckpointer(model)
-    checkpointer.load(cfg.MODEL.WEIGHTS)
+    assert isinstance(checkpointer, DetectionCheckpointer)
+    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
     incompatible = checkpointer.last_incompatible
     assert incompatible.missing_keys == []
     assert incompatible.unexpected_keys == []
@@ -211,6 +217,37 @@ def test_r50_coco_instance_checkpoint_loads_exactly(tmp_path, fmt):
     assert len(backbone) == 53 * 5  # 53 convs (stem, 16 x 3, 4 shortcuts), each weight + 4 FrozenBN buffers
     model = load_and_check("maskformer2_R50_coco_instance.yaml", fill_random(shapes), tmp_path, fmt)
     assert model.sem_seg_head.predictor.class_embed.out_features == 81
+
+
+# Mask2Former's COCO-instance R50 layout at tiny widths (every official key, 9 -> 2 decoder layers).
+TINY_R50_OPTS = [
+    "MODEL.RESNETS.STEM_OUT_CHANNELS", "8", "MODEL.RESNETS.RES2_OUT_CHANNELS", "32",
+    "MODEL.RESNETS.WIDTH_PER_GROUP", "8", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "3",
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32", "MODEL.SEM_SEG_HEAD.MASK_DIM", "32",
+    "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "2", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_NHEADS", "4",
+    "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_DIM_FEEDFORWARD", "48", "MODEL.MASK_FORMER.HIDDEN_DIM", "32",
+    "MODEL.MASK_FORMER.NHEADS", "4", "MODEL.MASK_FORMER.DIM_FEEDFORWARD", "48", "MODEL.MASK_FORMER.DEC_LAYERS", "3",
+    "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "8",
+]
+
+
+def test_tiny_model_zoo_pickle_with_static_query_loads_every_value(tmp_path):
+    """A model-zoo ``.pkl`` ({"model": numpy arrays, "__author__"}) of the R50 layout whose learned queries
+    use the official name ``static_query`` and which holds the criterion buffer: nothing missing or
+    unexpected, and every array (all distinct random values) lands in the parameter of its name."""
+    backbone, channels = official_resnet50_backbone(stem=8, res2=32, width=8)
+    shapes = {**backbone,
+              **official_pixel_decoder(channels, enc_layers=2, n_heads=4, hidden=32, ffn=48),
+              **official_predictor(num_queries=8, num_classes=3, dec_layers=2, ffn=48, hidden=32),
+              "criterion.empty_weight": (4,)}
+    shapes["sem_seg_head.predictor.static_query.weight"] = shapes.pop("sem_seg_head.predictor.query_feat.weight")
+    official = fill_random(shapes, seed=5)
+    # random, not the default [1, 1, 1, 0.1]: a buffer left at its init would not pass
+    model = load_and_check("maskformer2_R50_coco_instance.yaml", official, tmp_path, "pkl", opts=TINY_R50_OPTS)
+    np.testing.assert_array_equal(model.sem_seg_head.predictor.query_feat.weight.detach().numpy(),
+                                  official["sem_seg_head.predictor.static_query.weight"])
+    np.testing.assert_array_equal(model.criterion.empty_weight.numpy(), official["criterion.empty_weight"])
+    assert model.backbone.res5[0].conv3.weight.shape == (256, 64, 1, 1)  # tiny, not the real 2048 x 512
 
 
 def test_swin_large_coco_instance_checkpoint_loads_exactly(tmp_path):

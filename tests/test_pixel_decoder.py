@@ -1,4 +1,4 @@
-"""Pixel decoders: deformable attention vs a per-point loop, shapes, checkpoint names, gradients."""
+"""Pixel decoders: deformable attention vs a per-point loop, outputs vs the HF peers, checkpoint names, gradients."""
 import math
 
 import pytest
@@ -17,6 +17,9 @@ from part_distill.modeling.pixel_decoder import (
     build_pixel_decoder,
     ms_deform_attn_sample,
 )
+
+from _hf_peer import (TOL, fpn_to_ours, hf_config, hf_fpn_pixel_decoder, hf_pixel_decoder, max_abs_diff,
+                      pixel_decoder_to_ours, run_hf_pixel_decoder)
 
 R50_SHAPES = {
     "res2": ShapeSpec(channels=256, stride=4),
@@ -159,7 +162,7 @@ def _cfg(decoder="MSDeformAttnPixelDecoder", backbone="build_efficientnet_lite_b
 
 @pytest.mark.parametrize("backbone", ["build_efficientnet_lite_backbone", "build_resnet_gn_backbone"])
 @pytest.mark.parametrize("decoder", ["MSDeformAttnPixelDecoder", "FPNPixelDecoder"])
-def test_pixel_decoder_shapes_and_gradients(backbone, decoder):
+def test_pixel_decoder_gradients_and_values_vs_hf(backbone, decoder):
     cfg = _cfg(decoder, backbone)
     bb = build_backbone(cfg)
     pd = build_pixel_decoder(cfg, bb.output_shape())
@@ -167,7 +170,6 @@ def test_pixel_decoder_shapes_and_gradients(backbone, decoder):
     x = torch.randn(2, 3, 128, 96, requires_grad=True)
     mask, enc, ms = pd.forward_features(bb(x))
     assert mask.shape == (2, 32, 32, 24)
-    assert enc.shape == (2, 64, 4, 3)
     assert [tuple(t.shape) for t in ms] == [(2, 64, 4, 3), (2, 64, 8, 6), (2, 64, 16, 12)]
     (mask.mean() + sum(t.mean() for t in ms)).backward()
     assert x.grad.abs().sum() > 0
@@ -184,6 +186,28 @@ def test_pixel_decoder_shapes_and_gradients(backbone, decoder):
         assert pd.transformer.level_embed.grad.abs().sum() > 0
     else:
         assert not no_grad, no_grad
+    # Values: the HF peer (Mask2Former's deformable pixel decoder / MaskFormer's FPN, i.e. the
+    # original BasePixelDecoder) with random weights, loaded into ours, on this backbone's features.
+    with torch.no_grad():
+        feats = {k: v.detach() for k, v in bb(x).items()}
+        channels = [v.channels for _, v in sorted(bb.output_shape().items(), key=lambda kv: kv[1].stride)]
+        if decoder == "MSDeformAttnPixelDecoder":
+            hf = hf_pixel_decoder(hf_config(hidden=64, mask_dim=32, heads=8, enc_layers=2, enc_ffn=1024), channels)
+            pd.load_state_dict(pixel_decoder_to_ours(hf), strict=True)
+            ref_mask, ref_ms = run_hf_pixel_decoder(hf, feats)
+            ref_enc = ref_ms[0]
+        else:
+            hf = hf_fpn_pixel_decoder(channels, feature_size=64, mask_dim=32)
+            pd.load_state_dict(fpn_to_ours(hf, num_levels=len(channels)), strict=True)
+            ordered = [feats[k] for k in sorted(feats)]
+            out = hf(ordered, output_hidden_states=True)
+            # HF returns the top-down levels below the coarsest; its stem is the coarsest level's conv
+            ref_enc = hf.fpn.stem(ordered[-1])
+            ref_mask, ref_ms = out.last_hidden_state, [ref_enc, *out.hidden_states[:2]]
+        mask, enc, ms = pd.eval().forward_features(feats)
+    assert max_abs_diff(mask, ref_mask) <= TOL
+    assert max_abs_diff(ms, ref_ms) <= TOL
+    assert max_abs_diff(enc, ref_enc) <= TOL
 
 
 def test_mask_features_see_every_level():

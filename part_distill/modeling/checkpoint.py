@@ -11,10 +11,13 @@ Our modules already use Mask2Former's names for the ResNet backbone, ``sem_seg_h
 ``PartDistillCheckpointer`` applies these renames before detectron2's loading (its shape check
 would otherwise discard the shifted patch-merging weights), for detectron2 model-zoo pickles
 (``{"model": ..., "__author__": ...}``), plain ``torch.save`` state dicts and the name-matched
-ImageNet Swin pickles (``matching_heuristics``) alike. It keeps the last load's
+ImageNet Swin pickles (``matching_heuristics``) alike, and for Hugging Face ``transformers``
+Mask2Former weights (a ``save_pretrained`` folder, ``.safetensors``, ``.bin``), renamed to the
+original names first by ``hf_import.convert_hf_mask2former_state_dict``. It keeps the last load's
 missing/unexpected/incorrect-shape keys in ``last_incompatible``.
 """
 import logging
+import os
 import re
 from typing import Dict, Iterable, List, Optional
 
@@ -24,6 +27,8 @@ from fvcore.common.checkpoint import _IncompatibleKeys
 from timm.models.swin_transformer import get_relative_position_index
 
 from .backbone.swin import D2SwinTransformer
+from .hf_import import (convert_hf_mask2former_state_dict, hf_weights_file, is_hf_mask2former_state_dict,
+                        read_hf_state_dict)
 
 __all__ = ["PartDistillCheckpointer", "convert_mask2former_state_dict", "convert_swin_state_dict",
            "fill_from_sources", "swin_prefixes"]
@@ -120,13 +125,28 @@ class PartDistillCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that also loads Mask2Former's official checkpoints (R50 and Swin).
 
     ``MODEL.WEIGHTS`` may be a detectron2 model-zoo ``.pkl``, a ``.pth`` saved by Mask2Former or by
-    us, or an ImageNet Swin ``.pkl`` converted for detectron2 (keys without ``backbone.``).
+    us, an ImageNet Swin ``.pkl`` converted for detectron2 (keys without ``backbone.``), or Hugging
+    Face Mask2Former weights (``save_pretrained`` folder, ``.safetensors``, ``.bin``).
     """
 
     last_incompatible: Optional[_IncompatibleKeys] = None
 
+    def load(self, path, *args, **kwargs):
+        # fvcore only opens files: a save_pretrained folder stands for its weights file.
+        if path and os.path.isdir(path):
+            path = hf_weights_file(path)
+        return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename):
+        if filename.endswith((".safetensors", ".index.json")):
+            return {"model": read_hf_state_dict(filename), "__author__": "huggingface"}
+        return super()._load_file(filename)
+
     def _load_model(self, checkpoint) -> _IncompatibleKeys:
         self._convert_ndarray_to_tensor(checkpoint["model"])
+        if is_hf_mask2former_state_dict(checkpoint["model"]):
+            logger.info("Converting a Hugging Face Mask2Former state dict to the original names")
+            checkpoint["model"] = convert_hf_mask2former_state_dict(checkpoint["model"])
         # Name-matched checkpoints hold keys relative to the backbone ("layers.0...").
         extra = [""] if checkpoint.get("matching_heuristics", False) else []
         checkpoint["model"] = convert_mask2former_state_dict(checkpoint["model"], self.model, extra)
