@@ -251,8 +251,26 @@ def test_label_round_skips_an_unreadable_image_and_counts_it(teacher, toy, tmp_p
 
 
 def test_label_round_with_no_kept_part_fails_loudly(teacher, toy, tmp_path):
-    # Scores are <= 1: a threshold above 1 keeps nothing. Before, this wrote a manifest of 0 parts and
-    # the student then trained on an empty set.
+    # A part is kept when its score (< 1: a probability times a mask quality) exceeds the threshold, so
+    # 1.0 keeps nothing. Before, this wrote a manifest of 0 parts and the student trained on an empty set.
     with pytest.raises(EmptyStoreError, match=r"Part labels: .*0 parts.*SCORE_THRESH"):
-        _label(teacher, toy, tmp_path / "labels", score_thresh=1.5)
+        _label(teacher, toy, tmp_path / "labels", score_thresh=1.0)
     assert not os.path.exists(tmp_path / "labels" / PartStore.MANIFEST)
+
+
+@pytest.mark.parametrize("opts,message", [
+    (["PART_DISTILL.SELF_TRAIN.SHARD_SIZE", "0"], "SELF_TRAIN.SHARD_SIZE must be an integer >= 1"),
+    (["PART_DISTILL.SELF_TRAIN.OBJECTS", "detected"], "SELF_TRAIN.OBJECTS must be one of"),
+    (["PART_DISTILL.SELF_TRAIN.SCORE_THRESH", "30.0"], r"SELF_TRAIN.SCORE_THRESH must lie in \[0, 1\]"),
+])
+def test_invalid_self_training_config_is_rejected_before_the_teacher_loads(tmp_path, monkeypatch, opts, message):
+    from part_distill.engine import self_training
+
+    def no_teacher(*args):
+        raise AssertionError("the teacher was built before the config was validated")
+
+    monkeypatch.setattr(self_training, "build_teacher", no_teacher)
+    cfg = build_cfg("", ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "teacher.pth", "OUTPUT_DIR", str(tmp_path), *opts])
+    with pytest.raises(ValueError, match=message):
+        self_training.run_rounds(cfg, stage="self_train", num_rounds=1)
+    assert not any(tmp_path.iterdir())  # nothing stamped

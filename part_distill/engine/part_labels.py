@@ -29,7 +29,7 @@ from ..modeling.meta_arch.postprocess import mask_quality
 from ..modeling.part_candidates import select_part_candidates
 from ..utils.masks import decode_rle
 
-__all__ = ["PartLabelFilters", "predict_part_queries", "part_scores", "object_part_labels", "object_masks",
+__all__ = ["PartLabelFilters", "check_label_config", "predict_part_queries", "part_scores", "object_part_labels", "object_masks",
            "predict_with_objects",
            "write_part_label_store", "unwrap"]
 
@@ -43,6 +43,12 @@ class PartLabelFilters:
     """The Sec 4.2 / 4.3 rule that turns teacher queries into labels (see module docstring)."""
 
     def __init__(self, score_thresh=0.3, min_area_ratio=0.05, max_area_ratio=1.0):
+        # Scores and area ratios lie in [0, 1]; outside it a filter keeps everything or nothing.
+        if not 0.0 <= score_thresh <= 1.0:
+            raise ValueError(f"PART_DISTILL.SELF_TRAIN.SCORE_THRESH must lie in [0, 1], got {score_thresh!r}")
+        if not 0.0 <= min_area_ratio <= max_area_ratio <= 1.0:
+            raise ValueError("PART_DISTILL.SELF_TRAIN.MIN_AREA_RATIO <= MAX_AREA_RATIO must lie in [0, 1], got "
+                             f"{min_area_ratio!r}, {max_area_ratio!r}")
         self.score_thresh = float(score_thresh)
         self.min_area_ratio = float(min_area_ratio)
         self.max_area_ratio = float(max_area_ratio)
@@ -55,6 +61,21 @@ class PartLabelFilters:
     def as_dict(self):
         return {"score_thresh": self.score_thresh, "min_area_ratio": self.min_area_ratio,
                 "max_area_ratio": self.max_area_ratio}
+
+
+OBJECT_CHOICES = ("gt", "predicted")
+
+
+def check_label_config(cfg):
+    """Reject obviously invalid PART_DISTILL.SELF_TRAIN values with the key's name, before a teacher
+    loads or a label store is stamped."""
+    s = cfg.PART_DISTILL.SELF_TRAIN
+    for key in ("SHARD_SIZE", "BATCH_SIZE"):
+        if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < 1:
+            raise ValueError(f"PART_DISTILL.SELF_TRAIN.{key} must be an integer >= 1, got {s[key]!r}")
+    if s.OBJECTS not in OBJECT_CHOICES:
+        raise ValueError(f"PART_DISTILL.SELF_TRAIN.OBJECTS must be one of {OBJECT_CHOICES}, got {s.OBJECTS!r}")
+    PartLabelFilters.from_config(cfg)
 
 
 def unwrap(model):
