@@ -2,7 +2,7 @@
 
 ``add_part_distill_config(cfg)`` extends a detectron2 ``CfgNode`` (from ``get_cfg()``).
 Keys are grouped by the package that reads them; a YAML that names a key not listed here is
-rejected by detectron2's ``merge_from_file`` ("Non-existent config key"), which is what we want.
+rejected with the closest valid key by ``engine.setup.build_cfg`` (every tool builds its config there).
 """
 from detectron2.config import CfgNode as CN
 

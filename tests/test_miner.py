@@ -248,10 +248,15 @@ def test_nan_features_are_skipped_with_their_reason(world):
 
     dicts = [dict(d, _mining_dataset="t") for d in DatasetCatalog.get("parts_world_train")[:4]]
     miner = PartMiner(object_source=GTObjectSource(), feature_extractor=NaNLeftHalf(stride=8),
-                      kmeans=BatchedKMeans(num_clusters=4, metric="l2"), image_size=64)
+                      kmeans=BatchedKMeans(num_clusters=4, metric="l2", nan_policy="skip"), image_size=64)
     shard = records_to_shard(miner.mine_batch(list(enumerate(dicts)), 0), 0, "h")
     # 64-px images, stride 8: the NaN cells are exactly the pixels with x < 32.
     expect = {a["id"]: decode_rle(a["segmentation"])[:, :32].any() for d in dicts for a in d["annotations"]}
     got = {o["source_id"]: o["skip_reason"] == "nan_features" for o in shard["objects"]}
     assert got == expect and any(expect.values()) and not all(expect.values())
     assert shard["counts"]["instances_skipped"].get("nan_features") == sum(expect.values())
+    # The default policy "raise" (MINING.NAN_POLICY) stops at the first such object, naming its image.
+    miner.kmeans.nan_policy = "raise"
+    first_bad = next(d for d in dicts if any(expect[a["id"]] for a in d["annotations"]))
+    with pytest.raises(ValueError, match=f"non-finite features .*{os.path.basename(first_bad['file_name'])}"):
+        miner.mine_batch(list(enumerate(dicts)), 0)

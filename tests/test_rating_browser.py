@@ -54,9 +54,9 @@ def methods(tmp_path):
 
 
 @contextlib.contextmanager
-def _thread_server(methods, db_path):
+def _thread_server(methods, db_path, **server_kwargs):
     app = RatingApp([load_method(d) for d in methods], str(db_path))
-    server = make_server(app, "127.0.0.1", 0)
+    server = make_server(app, "127.0.0.1", 0, **server_kwargs)
     th = threading.Thread(target=server.serve_forever, daemon=True)
     th.start()
     try:
@@ -83,6 +83,37 @@ def _request(port, method, path, body=None, headers=None):
         return r.status, r.read(), dict(r.getheaders())
     finally:
         con.close()
+
+
+def _recv_all(sock):
+    """Everything the server sends until it closes the connection (the socket has a timeout)."""
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_stalled_requests_time_out(methods, tmp_path):
+    import socket
+
+    with _thread_server(methods, tmp_path / "r.sqlite", timeout=0.5) as (app, port):
+        # A POST whose headers promise a body that never comes: 408, the connection is closed and
+        # nothing is rated. Without a server timeout the recv below waits until its own 20 s limit.
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(b"POST /rate HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                         b"Content-Length: 60\r\n\r\nrater=ann")
+            reply = _recv_all(sock)
+        assert reply.startswith(b"HTTP/1.0 408") and b"did not arrive within 0.5 s" in reply
+        assert app.db.rows() == []
+        # Headers that stall half-way: the server drops the connection without an answer.
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(b"GET /rate HTTP/1.1\r\nHost: x\r\n")
+            assert _recv_all(sock) == b""
+        # The server still answers (its threads were not held).
+        status, body, _ = _request(port, "GET", "/")
+        assert status == 200
 
 
 def test_http_input_validation(methods, tmp_path):

@@ -8,10 +8,9 @@ import argparse
 import time
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
 
-from part_distill import add_part_distill_config
+from part_distill.engine.setup import build_cfg
 from part_distill.modeling.pixel_decoder import build_pixel_decoder
 
 
@@ -27,11 +26,8 @@ def main():
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE config overrides")
     args = ap.parse_args()
 
-    cfg = get_cfg()
-    add_part_distill_config(cfg)
-    cfg.MODEL.BACKBONE.NAME = args.backbone
-    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = args.decoder
-    cfg.merge_from_list(args.opts)
+    cfg = build_cfg("", ["MODEL.BACKBONE.NAME", args.backbone,
+                         "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME", args.decoder, *args.opts], freeze=False)
     dev = torch.device(args.device)
     backbone = build_backbone(cfg).to(dev).eval()
     decoder = build_pixel_decoder(cfg, backbone.output_shape()).to(dev).eval()

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 
 from ..utils.io import atomic_write_bytes
+from .image_io import read_image
 from ..utils.masks import decode_rle
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -48,9 +49,7 @@ def _overlay(base, masks, colours, edge_colour):
 
 
 def _tile(record, size, thing_classes, obj_colours, part_colours):
-    image = cv2.imread(record["file_name"], cv2.IMREAD_COLOR)
-    if image is None:
-        raise FileNotFoundError(f"contact sheet: cannot read image {record['file_name']}")
+    image = read_image(record["file_name"], format="BGR")  # UnreadableImageError names the file
     image = _fit(image, size, cv2.INTER_AREA)
     objs, obj_cols, parts, part_cols = [], [], [], []
     for ann in record["annotations"]:

@@ -8,9 +8,17 @@ bottom/right when the scaled image is smaller). Testing resizes the shortest edg
 ``gt_classes``); ``PartTargetLSJMapper`` turns part pseudo-labels (annotations = parts, one class
 "part" unless ``INPUT.PART_CLASS_KEY`` names a label field) into ``"parts"`` with the same fields,
 so the part model can tell part targets from the objects of the same image.
+
+Images are read with :func:`part_distill.data.image_io.read_image` (the reader of mining and
+labelling: grayscale, CMYK, 16-bit, EXIF). When training, an unreadable image is skipped: the mapper
+warns with its file name, adds it to ``skipped_images`` (a count shared by the DataLoader's worker
+processes, which the trainer reports) and returns None, so detectron2's ``MapDataset`` draws another
+image. At test time it raises :class:`~part_distill.data.image_io.UnreadableImageError` (naming the
+file): an evaluation silently missing an image, or scoring another in its place, would be wrong.
 """
 import copy
 import logging
+import multiprocessing
 
 import numpy as np
 import torch
@@ -21,6 +29,7 @@ from detectron2.structures import BitMasks, Instances
 from detectron2.utils.registry import Registry
 
 from ..utils.masks import segmentation_to_mask
+from .image_io import UnreadableImageError, read_image
 
 __all__ = [
     "DATASET_MAPPER_REGISTRY",
@@ -29,6 +38,7 @@ __all__ = [
     "build_test_augmentation",
     "InstanceLSJMapper",
     "PartTargetLSJMapper",
+    "SharedSkipCount",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,6 +80,39 @@ def annotation_mask(segmentation, height, width):
     return segmentation_to_mask(segmentation, height, width).astype(np.uint8)
 
 
+class SharedSkipCount:
+    """Images a training mapper skipped and read, summed over the DataLoader's worker processes.
+
+    The counts live in shared memory created with the mapper, so every worker (forked, or spawned
+    with the dataset) adds to the same numbers the trainer reads.
+    """
+
+    # When this many images were skipped and none could be read yet, stop: MapDataset would redraw forever.
+    GIVE_UP_AFTER = 100
+
+    def __init__(self):
+        self._counts = multiprocessing.Array("q", 2)  # [skipped, read]
+
+    @property
+    def skipped(self):
+        return int(self._counts[0])
+
+    def add_read(self):
+        with self._counts.get_lock():
+            self._counts[1] += 1
+
+    def add_skip(self, file_name, reason):
+        """Count a skip, warn with the file name; raise when nothing at all could be read so far."""
+        with self._counts.get_lock():
+            self._counts[0] += 1
+            skipped, read = int(self._counts[0]), int(self._counts[1])
+        logger.warning("Skipping unreadable training image %s (%s); %d image(s) skipped so far",
+                       file_name, reason, skipped)
+        if read == 0 and skipped >= self.GIVE_UP_AFTER:
+            raise RuntimeError(f"the first {skipped} training images drawn were all unreadable (last: {file_name}: "
+                               f"{reason}); check DATASETS.TRAIN and the dataset root")
+
+
 @DATASET_MAPPER_REGISTRY.register()
 class InstanceLSJMapper:
     """Reads the image, augments it, and transforms object annotations into ``"instances"``."""
@@ -89,6 +132,7 @@ class InstanceLSJMapper:
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.keep_annotations = is_train if keep_annotations is None else keep_annotations
+        self.skipped_images = SharedSkipCount() if is_train else None
         logger.info("%s (train=%s): %s", type(self).__name__, is_train, augmentations)
 
     @classmethod
@@ -112,7 +156,15 @@ class InstanceLSJMapper:
 
     def __call__(self, dataset_dict):
         d = copy.deepcopy(dataset_dict)
-        image = utils.read_image(d["file_name"], format=self.image_format)
+        try:
+            image = read_image(d["file_name"], format=self.image_format)
+        except UnreadableImageError as e:
+            if not self.is_train:
+                raise
+            self.skipped_images.add_skip(d["file_name"], e.reason)
+            return None  # MapDataset draws another image in its place
+        if self.is_train:
+            self.skipped_images.add_read()
         utils.check_image_size(d, image)
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)

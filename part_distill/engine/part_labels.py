@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from detectron2.utils import comm
 
+from ..data.image_io import UnreadableImageError
 from ..data.mappers import InstanceLSJMapper
 from ..mining.miner import records_to_shard
 from ..mining.object_sources import MinedObject
@@ -28,7 +29,7 @@ from ..modeling.meta_arch.postprocess import mask_quality
 from ..modeling.part_candidates import select_part_candidates
 from ..utils.masks import decode_rle
 
-__all__ = ["PartLabelFilters", "predict_part_queries", "part_scores", "object_part_labels", "object_masks",
+__all__ = ["PartLabelFilters", "check_label_config", "predict_part_queries", "part_scores", "object_part_labels", "object_masks",
            "predict_with_objects",
            "write_part_label_store", "unwrap"]
 
@@ -42,6 +43,12 @@ class PartLabelFilters:
     """The Sec 4.2 / 4.3 rule that turns teacher queries into labels (see module docstring)."""
 
     def __init__(self, score_thresh=0.3, min_area_ratio=0.05, max_area_ratio=1.0):
+        # Scores and area ratios lie in [0, 1]; outside it a filter keeps everything or nothing.
+        if not 0.0 <= score_thresh <= 1.0:
+            raise ValueError(f"PART_DISTILL.SELF_TRAIN.SCORE_THRESH must lie in [0, 1], got {score_thresh!r}")
+        if not 0.0 <= min_area_ratio <= max_area_ratio <= 1.0:
+            raise ValueError("PART_DISTILL.SELF_TRAIN.MIN_AREA_RATIO <= MAX_AREA_RATIO must lie in [0, 1], got "
+                             f"{min_area_ratio!r}, {max_area_ratio!r}")
         self.score_thresh = float(score_thresh)
         self.min_area_ratio = float(min_area_ratio)
         self.max_area_ratio = float(max_area_ratio)
@@ -54,6 +61,21 @@ class PartLabelFilters:
     def as_dict(self):
         return {"score_thresh": self.score_thresh, "min_area_ratio": self.min_area_ratio,
                 "max_area_ratio": self.max_area_ratio}
+
+
+OBJECT_CHOICES = ("gt", "predicted")
+
+
+def check_label_config(cfg):
+    """Reject obviously invalid PART_DISTILL.SELF_TRAIN values with the key's name, before a teacher
+    loads or a label store is stamped."""
+    s = cfg.PART_DISTILL.SELF_TRAIN
+    for key in ("SHARD_SIZE", "BATCH_SIZE"):
+        if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < 1:
+            raise ValueError(f"PART_DISTILL.SELF_TRAIN.{key} must be an integer >= 1, got {s[key]!r}")
+    if s.OBJECTS not in OBJECT_CHOICES:
+        raise ValueError(f"PART_DISTILL.SELF_TRAIN.OBJECTS must be one of {OBJECT_CHOICES}, got {s.OBJECTS!r}")
+    PartLabelFilters.from_config(cfg)
 
 
 def unwrap(model):
@@ -104,13 +126,15 @@ def predict_part_queries(model, batched_inputs, with_objects=False, owner_masks=
     return results
 
 
-def predict_with_objects(model, dataset_dicts, mapper, objects="gt", object_score_thresh=0.5):
+def predict_with_objects(model, dataset_dicts, mapper, objects="gt", object_score_thresh=0.5, inputs=None):
     """[(objects, predict_part_queries output)] of dataset dicts: the GT objects of each dict (``objects``
-    "gt") or D^o's scoring >= ``object_score_thresh``, as MinedObjects; crops (if any) are of those objects."""
+    "gt") or D^o's scoring >= ``object_score_thresh``, as MinedObjects; crops (if any) are of those objects.
+    ``inputs``: the dicts already mapped (default: ``mapper`` of each)."""
     gt = [_gt_objects(dd) for dd in dataset_dicts] if objects == "gt" else None
     owner_masks = None if gt is None else [object_masks(o, (dd["height"], dd["width"]))
                                            for o, dd in zip(gt, dataset_dicts)]
-    preds = predict_part_queries(model, [mapper(dd) for dd in dataset_dicts], with_objects=objects == "predicted",
+    inputs = [mapper(dd) for dd in dataset_dicts] if inputs is None else inputs
+    preds = predict_part_queries(model, inputs, with_objects=objects == "predicted",
                                  owner_masks=owner_masks, object_score_thresh=object_score_thresh)
     objs = gt or [_predicted_objects(p["objects"], object_score_thresh) for p in preds]
     return list(zip(objs, preds))
@@ -204,7 +228,9 @@ def write_part_label_store(model, dataset_dicts, store_dir, run_info, *, filters
 
     Rank r labels chunks c % world_size == r that are not on disk; rank 0 writes the manifest last
     and returns it (other ranks return None). ``mapper`` turns a dataset dict into a model input
-    (default: the test-time InstanceLSJMapper built by the caller).
+    (default: the test-time InstanceLSJMapper built by the caller). An unreadable image is skipped
+    and counted in the shard (``images_skipped``, with its file name in ``skipped_images``); a store
+    with 0 kept parts raises :class:`~part_distill.mining.store.EmptyStoreError`.
     """
     store = PartStore(store_dir)
     rank, world = comm.get_rank(), comm.get_world_size()
@@ -221,16 +247,29 @@ def write_part_label_store(model, dataset_dicts, store_dir, run_info, *, filters
         items = list(enumerate(dataset_dicts[c * shard_size:(c + 1) * shard_size], c * shard_size))
         records = []
         for b in range(0, len(items), batch_size):
-            batch = items[b:b + batch_size]
+            batch, inputs = [], []
+            for index, dd in items[b:b + batch_size]:
+                try:
+                    inputs.append(mapper(dd))
+                    batch.append((index, dd))
+                except UnreadableImageError as e:
+                    logger.warning("Skipping image %s: %s", dd["file_name"], e)
+                    records.append({"index": index, "dataset_dict": dd, "objects": [],
+                                    "skip_reason": f"unreadable_image: {e.reason}"})
+            if not batch:
+                continue
             for (index, dd), (objs, pred) in zip(batch, predict_with_objects(
-                    model, [dd for _, dd in batch], mapper, objects, object_score_thresh)):
+                    model, [dd for _, dd in batch], mapper, objects, object_score_thresh, inputs=inputs)):
                 records.append({"index": index, "dataset_dict": dd, "skip_reason": None,
                                 "objects": object_part_labels(pred, objs, filters, labeler)})
+        records.sort(key=lambda r: r["index"])
         store.write_shard(c, _shard(records, c, run_info["config_hash"]))
         if _after_shard_hook is not None:
             _after_shard_hook(n_done)
     model.train(was_training)
-    return finish_store(store, run_info, num_chunks, "Part labels")
+    return finish_store(store, run_info, num_chunks, "Part labels",
+                        empty_hint="no teacher query was kept: check the teacher (MODEL.WEIGHTS) and "
+                                   "PART_DISTILL.SELF_TRAIN.SCORE_THRESH / MIN_AREA_RATIO / OBJECTS")
 
 
 def build_label_mapper(cfg):

@@ -26,8 +26,8 @@ from detectron2.utils import comm
 from ..data.pseudo_labels import PART_LABEL_KEY, PseudoLabelFilters, load_pseudo_labels
 from ..mining.store import code_version, config_hash, read_manifest
 from ..utils.io import atomic_open, atomic_write_json
-from .part_labels import (PartLabelFilters, build_label_mapper, dataset_inputs, file_sha256, label_run_info,
-                          unwrap, write_part_label_store)
+from .part_labels import (PartLabelFilters, build_label_mapper, check_label_config, dataset_inputs, file_sha256,
+                          label_run_info, unwrap, write_part_label_store)
 from .trainer import PartDistillTrainer
 
 __all__ = ["ModelEMA", "EMAHook", "run_rounds", "round_dir", "with_overrides", "PART_LABEL_KEY",
@@ -235,6 +235,7 @@ def run_rounds(cfg, *, stage, num_rounds, teacher_cfg_of_round=None, labeler_fac
         raise ValueError(f"{stage}: the number of rounds must be >= 1, got {num_rounds}")
     if not cfg.MODEL.WEIGHTS:
         raise ValueError(f"stage {stage!r} needs MODEL.WEIGHTS: the teacher of round 0")
+    check_label_config(cfg)
     teacher = cfg.MODEL.WEIGHTS
     info = None
     for r in range(num_rounds):

@@ -1,4 +1,10 @@
-"""The one DefaultTrainer subclass that serves every stage; the stage is ``cfg.PART_DISTILL.STAGE``."""
+"""The one DefaultTrainer subclass that serves every stage; the stage is ``cfg.PART_DISTILL.STAGE``.
+
+Two guards a long run needs: a non-finite loss stops training with the iteration and the loss's
+name, before the optimizer step can spread it into the weights (the last checkpoint stays good);
+training images the mapper had to skip are counted in the metrics (``data/skipped_images``) and in a
+summary when training ends.
+"""
 import itertools
 import weakref
 import logging
@@ -6,7 +12,7 @@ import os
 
 import torch
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
@@ -14,7 +20,8 @@ from ..data.mappers import InstanceLSJMapper, build_dataset_mapper
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PartDistillTrainer", "build_optimizer", "full_model_clip_optimizer"]
+__all__ = ["PartDistillTrainer", "build_optimizer", "full_model_clip_optimizer", "check_finite_losses",
+           "SkippedImagesHook"]
 
 OPTIMIZERS = {"ADAMW": torch.optim.AdamW, "SGD": torch.optim.SGD}
 
@@ -55,11 +62,58 @@ def build_optimizer(cfg, model):
     return cls(params, lr=s.BASE_LR, **kwargs)
 
 
+def check_finite_losses(loss_dict, iteration):
+    """Raise ``FloatingPointError`` naming ``iteration`` and every loss of ``loss_dict`` that is NaN/inf."""
+    bad = {k: v for k, v in loss_dict.items() if not bool(torch.isfinite(v.detach()).all())}
+    if bad:
+        values = ", ".join(f"{k}={v.detach().float().sum().item()}" for k, v in sorted(bad.items()))
+        raise FloatingPointError(
+            f"Non-finite loss at iteration {iteration}: {values}. Training stopped before the optimizer "
+            "step, so the last checkpoint is intact; lower SOLVER.BASE_LR, check the inputs "
+            "(MODEL.PIXEL_STD, the labels) or resume from the checkpoint.")
+
+
+class _FiniteLossCheck:
+    """Mixin for detectron2's SimpleTrainer / AMPTrainer: their ``run_step`` hands the loss dict to
+    ``_write_metrics`` after backward and before ``optimizer.step``, the one place to see it in time."""
+
+    def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
+        check_finite_losses(loss_dict, self.iter if iter is None else iter)
+        super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
+
+
+_CHECKED_TRAINERS = {}
+
+
+def _finite_loss_checked(trainer_cls):
+    if trainer_cls not in _CHECKED_TRAINERS:
+        _CHECKED_TRAINERS[trainer_cls] = type(f"FiniteLoss{trainer_cls.__name__}", (_FiniteLossCheck, trainer_cls), {})
+    return _CHECKED_TRAINERS[trainer_cls]
+
+
+class SkippedImagesHook(HookBase):
+    """Puts the mapper's count of skipped (unreadable) training images into the storage each step and
+    logs the total when training ends; the count covers every DataLoader worker of this process."""
+
+    def __init__(self, counter):
+        self.counter = counter
+
+    def after_step(self):
+        self.trainer.storage.put_scalar("data/skipped_images", self.counter.skipped, smoothing_hint=False)
+
+    def after_train(self):
+        if self.counter.skipped:
+            logger.warning("Training skipped %d unreadable image read(s) (each logged above with its file name; "
+                           "an image is skipped each time it is drawn)", self.counter.skipped)
+
+
 class PartDistillTrainer(DefaultTrainer):
-    """detectron2's DefaultTrainer with part_distill's mappers, optimiser and evaluators."""
+    """detectron2's DefaultTrainer with part_distill's mappers, optimiser, evaluators and guards."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        # DefaultTrainer builds a plain SimpleTrainer/AMPTrainer; give it the loss check in place.
+        self._trainer.__class__ = _finite_loss_checked(type(self._trainer))
         # MODEL.WEIGHTS may be an official Mask2Former checkpoint (Swin key layout, .pkl): load
         # through the converting checkpointer. Saving is unchanged (same format either way).
         from ..modeling.checkpoint import PartDistillCheckpointer
@@ -69,7 +123,20 @@ class PartDistillTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True))
+        mapper = build_dataset_mapper(cfg, is_train=True)
+        loader = build_detection_train_loader(cfg, mapper=mapper)
+        # Read by build_hooks: the SkippedImagesHook reports what the mapper skipped.
+        loader.skipped_images = getattr(mapper, "skipped_images", None)
+        return loader
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        counter = getattr(self._trainer.data_loader, "skipped_images", None)
+        if counter is not None:
+            # Before the writers, so each step's count is in the metrics they write.
+            at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret))
+            ret.insert(at, SkippedImagesHook(counter))
+        return ret
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

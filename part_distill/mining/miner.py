@@ -51,14 +51,15 @@ from detectron2.utils import comm
 
 from ..data.image_io import UnreadableImageError, read_image
 from ..utils.masks import encode_rle, mask_to_bbox_xywh
-from .features import build_feature_extractor
-from .kmeans import BatchedKMeans, pad_packed
+from .features import MINING_FEATURE_REGISTRY, build_feature_extractor
+from .kmeans import METRICS, BatchedKMeans, pad_packed
 from .object_sources import build_object_source
 from .store import (OBJECT_STRIDE, PART_CATEGORY, PART_STRIDE, PartStore, config_hash, empty_counts,
                     finish_store)
 
 
-__all__ = ["PartMiner", "mine_parts", "mining_main", "mining_run_info", "load_mining_inputs", "resolve_output_dir"]
+__all__ = ["PartMiner", "mine_parts", "mining_main", "mining_run_info", "load_mining_inputs", "resolve_output_dir",
+           "check_mining_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,27 @@ def _batch_seed(seed, first_index):
 def _class_seed(seed, category_id, purpose):
     """Seed of a dataset-level fit (purpose 0: subsample, 1: k-means++), apart from the batch seeds."""
     return int(np.random.SeedSequence([int(seed), 1 << 30, int(category_id), int(purpose)]).generate_state(1)[0])
+
+
+def check_mining_config(cfg):
+    """Reject obviously invalid MINING values (and a zero MODEL.PIXEL_STD when the features come from
+    the model) with the key's name, before anything is loaded or a store is stamped."""
+    m = cfg.MINING
+    at_least = {"NUM_CLUSTERS": 1, "MAX_ITER": 1, "IMAGE_SIZE": 1, "BATCH_SIZE": 1, "SHARD_SIZE": 1,
+                "RGBXY_STRIDE": 1, "POINT_CHUNK": 1, "MIN_PIXELS": 0, "DATASET_MAX_POINTS": 0, "CHUNK_BYTES": 0}
+    for key, low in at_least.items():
+        value = m[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"MINING.{key} must be an integer >= {low}, got {value!r}")
+    if not m.TOL >= 0:
+        raise ValueError(f"MINING.TOL must be >= 0, got {m.TOL!r}")
+    choices = {"LEVEL": LEVELS, "METRIC": METRICS, "NAN_POLICY": ("raise", "skip"),
+               "FEATURES": tuple(sorted(k for k, _ in MINING_FEATURE_REGISTRY))}
+    for key, allowed in choices.items():
+        if m[key] not in allowed:
+            raise ValueError(f"MINING.{key} must be one of {tuple(allowed)}, got {m[key]!r}")
+    if m.FEATURES != "rgbxy" and not all(s > 0 for s in cfg.MODEL.PIXEL_STD):
+        raise ValueError(f"MODEL.PIXEL_STD must be > 0 (it divides the image), got {list(cfg.MODEL.PIXEL_STD)}")
 
 
 def _resized_hw(h, w, long_side):
@@ -104,8 +126,7 @@ class PartMiner:
 
     @classmethod
     def from_config(cls, cfg):
-        if cfg.MINING.LEVEL not in LEVELS:
-            raise ValueError(f"MINING.LEVEL must be one of {LEVELS}, got {cfg.MINING.LEVEL!r}")
+        check_mining_config(cfg)  # before the feature extractor loads its weights
         return {"object_source": build_object_source(cfg), "feature_extractor": build_feature_extractor(cfg),
                 "kmeans": BatchedKMeans(cfg), "image_size": cfg.MINING.IMAGE_SIZE,
                 "crf": _build_crf(cfg), "device": cfg.MODEL.DEVICE, "level": cfg.MINING.LEVEL,
@@ -201,6 +222,12 @@ class PartMiner:
                 sel = torch.nonzero(c > 0)[:, 0]
                 f = flat[sel]
                 if not torch.isfinite(f).all():
+                    if self.kmeans.nan_policy == "raise":
+                        raise ValueError(
+                            f"non-finite features for object {j} of {rec['dataset_dict']['file_name']} "
+                            "(MINING.NAN_POLICY 'raise'): check the feature setup (MODEL.PIXEL_STD, "
+                            "MODEL.WEIGHTS, MINING.FEATURES), or set MINING.NAN_POLICY 'skip' to skip and "
+                            "count such objects")
                     rec["objects"][j][2] = "nan_features"
                     continue
                 points.append(f)
@@ -409,6 +436,7 @@ def mine_parts(cfg, overwrite=False, miner=None):
     Rank r mines shards c with c % world_size == r that are not on disk yet; after a barrier rank 0
     sums the shards into manifest.json, which it returns (other ranks return None).
     """
+    check_mining_config(cfg)
     dicts, inputs = load_mining_inputs(cfg)
     run_info = mining_run_info(cfg, inputs)
     store = PartStore(resolve_output_dir(cfg))
@@ -450,7 +478,9 @@ def mine_parts(cfg, overwrite=False, miner=None):
         bar.close()
         if miner.crf is not None:
             miner.crf.close()
-    return finish_store(store, run_info, num_chunks, "Mined parts")
+    return finish_store(store, run_info, num_chunks, "Mined parts",
+                        empty_hint="every object was skipped (see instances_skipped / images_skipped): check "
+                                   "MINING.DATASETS, the object source and the features")
 
 
 def _fit_dataset_level(miner, dicts, chunks, size, bsize, seed):

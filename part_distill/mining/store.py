@@ -31,6 +31,7 @@ import subprocess
 from ..utils.io import atomic_write_json
 
 __all__ = [
+    "EmptyStoreError",
     "PartStore",
     "ConfigMismatchError",
     "config_hash",
@@ -50,6 +51,10 @@ PART_CATEGORY = {"id": 1, "name": "part", "supercategory": "part"}
 _JSON = {"sort_keys": True, "separators": (",", ":")}
 
 logger = logging.getLogger(__name__)
+
+
+class EmptyStoreError(RuntimeError):
+    """A finished store holds no part at all: later stages would train on nothing."""
 
 
 class ConfigMismatchError(RuntimeError):
@@ -170,8 +175,12 @@ class PartStore:
         with open(os.path.join(self.root, self.SHARDS, name)) as f:
             return json.load(f)
 
-    def write_manifest(self, run_info, num_chunks):
-        """Sum the counts of all ``num_chunks`` shards into manifest.json (main process, last)."""
+    def write_manifest(self, run_info, num_chunks, empty_hint=None):
+        """Sum the counts of all ``num_chunks`` shards into manifest.json (main process, last).
+
+        With ``empty_hint``, a store whose shards hold no part raises :class:`EmptyStoreError` (with the
+        counts and the hint) and gets no manifest, so no later stage reads it as finished.
+        """
         missing = [c for c in range(num_chunks) if not self.has_shard(c)]
         if missing:
             raise RuntimeError(f"cannot write the manifest of {self.root}: shards {missing[:10]} are missing")
@@ -183,25 +192,35 @@ class PartStore:
             add_counts(counts, shard["counts"])
             shards.append({"file": os.path.join(self.SHARDS, self.shard_name(c)),
                            "images": len(shard["images"]), "parts": len(shard["annotations"])})
+        if empty_hint is not None and counts["parts"] == 0:
+            raise EmptyStoreError(f"{self.root}: 0 parts in {num_chunks} shard(s) (counts {counts}); {empty_hint}. "
+                                  "No manifest was written.")
         manifest = dict(run_info, format_version=FORMAT_VERSION, code_version=code_version(),
                         shards=shards, counts=counts)
         atomic_write_json(os.path.join(self.root, self.MANIFEST), manifest, indent=1, sort_keys=True)
         return manifest
 
 
-def finish_store(store, run_info, num_chunks, what="Part store"):
+def finish_store(store, run_info, num_chunks, what="Part store", empty_hint="check the inputs and the config"):
     """Collective end of a sharded store write: barrier, rank 0 writes the manifest, barrier.
 
-    Returns the manifest on rank 0 and None elsewhere.
+    Returns the manifest on rank 0 and None elsewhere. A store with 0 parts raises
+    :class:`EmptyStoreError` on every rank (``empty_hint`` says what to check; None allows it).
     """
     from detectron2.utils import comm
 
     comm.synchronize()
-    manifest = None
+    manifest, error = None, None
     if comm.is_main_process():
-        manifest = store.write_manifest(run_info, num_chunks)
-        logger.info("%s in %s: %s", what, store.root, manifest["counts"])
-    comm.synchronize()
+        try:
+            manifest = store.write_manifest(run_info, num_chunks, empty_hint=empty_hint)
+            logger.info("%s in %s: %s", what, store.root, manifest["counts"])
+        except EmptyStoreError as e:
+            error = f"{what}: {e}"
+    # The gather is the closing barrier and tells every rank to fail alike.
+    error = comm.all_gather(error)[0] if comm.get_world_size() > 1 else error
+    if error is not None:
+        raise EmptyStoreError(error)
     return manifest
 
 

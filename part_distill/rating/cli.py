@@ -18,6 +18,8 @@ def build_parser():
     s.add_argument("--db", required=True, help="SQLite file of ratings (created if absent)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: local only)")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    s.add_argument("--timeout", type=float, default=30.0,  # server.REQUEST_TIMEOUT_S
+                   help="seconds a connection may stall mid-request before it is answered 408 / closed")
     s.add_argument("--seed", type=int, default=0, help="seed of the order collages are shown in")
     s.add_argument("--sorted", action="store_true", help="show collages method by method, sorted by id")
     e = sub.add_parser("export", help="write every rating as CSV")
@@ -38,7 +40,7 @@ def _serve(args):
     names = args.method or [None] * len(args.collages)
     app = RatingApp([load_method(d, n) for d, n in zip(args.collages, names)], args.db, args.seed,
                     shuffle=not args.sorted)
-    server = make_server(app, args.host, args.port)
+    server = make_server(app, args.host, args.port, timeout=args.timeout)
     host, port = server.server_address[:2]
     # Tests and scripts wait for this exact line to know the server accepts connections.
     print(f"serving {len(app.queue)} collages of {len(app.methods)} method(s) on http://{host}:{port}/", flush=True)

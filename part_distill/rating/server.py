@@ -12,6 +12,9 @@ stdlib only (``http.server.ThreadingHTTPServer``). Routes::
 Files are only ever served by looking the (method, collage id) pair up in the methods' index.json,
 never by joining a request string onto a path, so no parameter can reach outside a collage dir.
 Bad input gets a 4xx with a message: malformed names or ratings 400, unknown method/collage 404.
+Every socket read and write has a timeout (``make_server(..., timeout=)``): a client that stalls
+mid-request (say, a POST that never sends its body) gets 408 or is dropped, instead of holding
+its server thread forever.
 """
 import dataclasses
 import html
@@ -31,6 +34,8 @@ __all__ = ["Method", "load_method", "rating_queue", "RatingApp", "make_server"]
 
 logger = logging.getLogger(__name__)
 _MAX_BODY = 4096
+# Seconds a connection may stall on a read or write (a rater's browser sends each request at once).
+REQUEST_TIMEOUT_S = 30.0
 COOKIE = "part_distill_rater"
 
 
@@ -148,9 +153,14 @@ def _rater(value):
         raise BadRequest(HTTPStatus.BAD_REQUEST, str(e)) from None
 
 
-def make_handler(app):
+def make_handler(app, timeout=REQUEST_TIMEOUT_S):
+    request_timeout = timeout
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "part_distill-rating/1"
+        # StreamRequestHandler applies it to the socket: a stalled request line or header is dropped by
+        # BaseHTTPRequestHandler ("Request timed out"), a stalled body gets 408 in _rate_post.
+        timeout = request_timeout
 
         def log_message(self, fmt, *args):
             logger.info("%s %s", self.address_string(), fmt % args)
@@ -285,7 +295,13 @@ def make_handler(app):
             if not 0 <= length <= _MAX_BODY:
                 raise BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"form larger than {_MAX_BODY} bytes")
             try:
-                form = _parse_qs(self.rfile.read(length).decode("utf-8"))
+                body = self.rfile.read(length)
+            except TimeoutError:
+                self.close_connection = True  # the rest of the body may still arrive: never parse it
+                raise BadRequest(HTTPStatus.REQUEST_TIMEOUT,
+                                 f"the form body did not arrive within {self.timeout:g} s") from None
+            try:
+                form = _parse_qs(body.decode("utf-8"))
             except UnicodeDecodeError:
                 raise BadRequest(HTTPStatus.BAD_REQUEST, "form is not UTF-8") from None
             rater = _rater(_single(form, "rater"))
@@ -315,6 +331,7 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
 
-def make_server(app, host="127.0.0.1", port=8000):
-    """A ``ThreadingHTTPServer`` for ``app``; ``port=0`` picks a free port (see ``server_address``)."""
-    return _Server((host, port), make_handler(app))
+def make_server(app, host="127.0.0.1", port=8000, timeout=REQUEST_TIMEOUT_S):
+    """A ``ThreadingHTTPServer`` for ``app``; ``port=0`` picks a free port (see ``server_address``);
+    ``timeout``: seconds a connection may stall on one read or write before it is answered 408 / closed."""
+    return _Server((host, port), make_handler(app, timeout))
