@@ -23,6 +23,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 from timm.models.swin_transformer import get_relative_position_index
 
+from ..data.fingerprint import CHECKPOINT_KEY
 from .backbone.swin import D2SwinTransformer
 
 __all__ = ["PartDistillCheckpointer", "convert_mask2former_state_dict", "convert_swin_state_dict",
@@ -124,6 +125,19 @@ class PartDistillCheckpointer(DetectionCheckpointer):
     """
 
     last_incompatible: Optional[_IncompatibleKeys] = None
+    # Saved into every checkpoint this checkpointer writes (e.g. the trainer's dataset fingerprints),
+    # beside what the hooks pass to save(); a load keeps the file's own entries in ``last_metadata``.
+    metadata: Optional[Dict] = None
+    last_metadata: Dict = {}
+    METADATA_KEYS = (CHECKPOINT_KEY,)
+
+    def save(self, name, **kwargs):
+        super().save(name, **{**(self.metadata or {}), **kwargs})
+
+    def load(self, path, checkpointables=None):
+        extra = super().load(path, checkpointables)
+        self.last_metadata = {k: extra[k] for k in self.METADATA_KEYS if k in (extra or {})}
+        return extra
 
     def _load_model(self, checkpoint) -> _IncompatibleKeys:
         self._convert_ndarray_to_tensor(checkpoint["model"])
