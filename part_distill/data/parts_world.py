@@ -634,6 +634,9 @@ def ensure_parts_world(base, settings=WorldSettings()):
         _check_existing(root, settings)
         return root
     parent = os.path.dirname(root)
+    if os.path.isfile(os.path.join(parent, MANIFEST)):
+        logger.warning("%s holds a world in the old single-folder layout; it is no longer read (worlds now "
+                       "live in %s/<key>/): delete its files to free the space", parent, parent)
     os.makedirs(parent, exist_ok=True)
     with _exclusive_lock(os.path.join(parent, f".{settings.key}.lock")):
         if os.path.isfile(os.path.join(root, MANIFEST)):  # another process made it while we waited
