@@ -14,7 +14,9 @@ import part_distill  # noqa: F401  (registers datasets and models)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from part_distill.data import fingerprint as fpmod
 from part_distill.data import parts_world as pw
-from part_distill.data.fingerprint import FingerprintMismatchError, dataset_fingerprint
+from part_distill.data.fingerprint import (FingerprintMismatchError, check_store_sources, dataset_fingerprint,
+                                           source_fingerprints)
+from part_distill.engine.self_training import build_teacher
 from part_distill.engine.setup import build_cfg
 from part_distill.evaluation.store_predictions import evaluate_store
 from part_distill.mining.miner import mine_parts
@@ -187,3 +189,22 @@ def test_checkpoints_record_their_data_and_resume_refuses_other_data(tmp_path):
                            match=re.escape(_fp(SEED0, "train")) + ".*" + re.escape(_fp(SEED3, "train"))):
             _trainer(out).resume_or_load(resume=True)
         _trainer(tmp_path / "fresh").resume_or_load(resume=True)  # nothing to resume: nothing to refuse
+        # the checkpoint as the teacher of data it was not trained on (self-training, ranking, stage 4)
+        cfg = tiny_part_cfg()
+        with pytest.raises(FingerprintMismatchError, match=re.escape(_fp(SEED3, "train"))):
+            build_teacher(cfg, str(out / "model_0000000.pth"), source_fingerprints(["parts_world_train"]))
+    with parts_world_at(ds, SEED0):
+        build_teacher(cfg, str(out / "model_0000000.pth"), source_fingerprints(["parts_world_train"]))
+
+
+def test_next_stage_refuses_a_store_of_another_world(tmp_path):
+    manifest = {"inputs": {"datasets": [{"name": "parts_world_train", "num_images": 2,
+                                         "fingerprint": _fp(SEED0, "train")}]}}
+    with parts_world_at(tmp_path, SEED0):
+        check_store_sources(manifest, "store0")
+    with parts_world_at(tmp_path, SEED3):
+        with pytest.raises(FingerprintMismatchError, match=re.escape(_fp(SEED0, "train")) + ".*"
+                           + re.escape(_fp(SEED3, "train"))):
+            check_store_sources(manifest, "store0")
+        # a store from before fingerprints: accepted (with a warning), not refused
+        check_store_sources({"inputs": {"datasets": [{"name": "parts_world_train", "num_images": 2}]}}, "old")
