@@ -41,6 +41,7 @@ CACHE_ENV = "PART_DISTILL_CACHE_DIR"
 
 _SOURCES = {}  # dataset name -> callable returning the annotation files/folders it is read from
 _file_hashes = None  # "abspath|size|mtime_ns" -> sha, loaded from the cache file on first use
+_unsaved = False  # hashes computed since the cache file was last written
 
 
 class FingerprintMismatchError(RuntimeError):
@@ -59,7 +60,7 @@ def _cache_path():
 
 
 def _cached_sha(path):
-    global _file_hashes
+    global _file_hashes, _unsaved
     if _file_hashes is None:
         try:
             with open(_cache_path()) as f:
@@ -71,12 +72,14 @@ def _cached_sha(path):
     sha = _file_hashes.get(key)
     if sha is None:
         sha = _file_hashes[key] = file_sha256(path)
-        _file_hashes["__dirty__"] = True
+        _unsaved = True
     return st.st_size, sha
 
 
 def _save_cache():
-    if _file_hashes and _file_hashes.pop("__dirty__", False):
+    global _unsaved
+    if _unsaved:
+        _unsaved = False
         try:
             atomic_write_json(_cache_path(), _file_hashes)
         except OSError as e:  # read-only home: fingerprints stay correct, only slower next time
