@@ -50,7 +50,7 @@ def _add_data_config(cfg):
     cfg.PARTS_WORLD.MAX_OBJECTS = 4
     # Parts left with fewer visible pixels (after occlusion/truncation) are removed from the image.
     cfg.PARTS_WORLD.MIN_PART_PIXELS = 12
-    # Where the generated world lives, relative to $DETECTRON2_DATASETS.
+    # Folder of the generated worlds (one <settings hash>/ each, never rewritten), relative to $DETECTRON2_DATASETS.
     cfg.PARTS_WORLD.ROOT = "parts_world"
 
     cfg.DATASETS.FEW_SHOT = CN()

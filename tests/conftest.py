@@ -34,3 +34,15 @@ def tiny_world_factory(tmp_path_factory):
 
     yield make
     stack.close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_fingerprint_cache(tmp_path_factory):
+    """File-hash cache of part_distill/data/fingerprint.py in a temp folder, not the user's ~/.cache."""
+    old = os.environ.get("PART_DISTILL_CACHE_DIR")
+    os.environ["PART_DISTILL_CACHE_DIR"] = str(tmp_path_factory.mktemp("fingerprint_cache"))
+    yield
+    if old is None:
+        os.environ.pop("PART_DISTILL_CACHE_DIR", None)
+    else:
+        os.environ["PART_DISTILL_CACHE_DIR"] = old

@@ -89,8 +89,11 @@ def world(tmp_path_factory):
 def test_skips_are_counted(world):
     m = world["manifest"]
     n_train = SETTINGS.num_train
-    assert m["inputs"]["datasets"] == [{"name": "parts_world_train", "num_images": n_train},
-                                       {"name": EXTRA, "num_images": 3}]
+    inputs = m["inputs"]["datasets"]
+    assert [(d["name"], d["num_images"]) for d in inputs] == [("parts_world_train", n_train), (EXTRA, 3)]
+    # the world by its settings key (its folder name), the unregistered-source dataset by its dicts
+    assert inputs[0]["fingerprint"] == f"world:{SETTINGS.key}/train"
+    assert inputs[1]["fingerprint"].startswith("dicts:")
     assert m["counts"]["images"] == n_train + 2
     assert m["counts"]["images_skipped"] == {"unreadable_image": 1}
     assert m["counts"]["instances_skipped"] == {"too_few_pixels": 1}

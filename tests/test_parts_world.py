@@ -192,7 +192,8 @@ def test_registration_gives_documented_format(tmp_path, monkeypatch, default_reg
     reg.register_parts_world(SMALL)
     plain = DatasetCatalog.get("parts_world_val")
     dicts = DatasetCatalog.get("parts_world_val_parts")
-    assert (tmp_path / "parts_world" / "world.json").is_file()
+    world = tmp_path / "parts_world" / SMALL.key
+    assert (world / "world.json").is_file()
     meta = MetadataCatalog.get("parts_world_val_parts")
     assert meta.thing_classes == list(pw.OBJECT_CLASSES)
     assert meta.part_classes == list(pw.PART_CLASSES)
@@ -200,7 +201,7 @@ def test_registration_gives_documented_format(tmp_path, monkeypatch, default_reg
     assert MetadataCatalog.get("parts_world_val").evaluator_type == "coco"
     assert meta.object_part_classes[pw.OBJECT_CLASSES.index("car")] == [
         pw.PART_CLASSES.index(p) for p in ("body", "window", "wheel")]
-    with open(tmp_path / "parts_world" / "parts_val.json") as f:
+    with open(world / "parts_val.json") as f:
         part_json = {p["id"]: p for p in json.load(f)["annotations"]}
     assert len(dicts) == len(plain) == SMALL.num_val
     seen_objects = set()
@@ -234,53 +235,65 @@ def test_register_from_config_uses_config_settings(tmp_path, monkeypatch, defaul
     cfg.PARTS_WORLD.ROOT = str(tmp_path / "elsewhere")
     reg.register_parts_world_from_config(cfg)
     assert len(DatasetCatalog.get("parts_world_val")) == 3
-    assert pw.read_manifest(str(tmp_path / "elsewhere"))["settings"]["seed"] == 5
+    key = pw.WorldSettings.from_config(cfg).key
+    assert pw.read_manifest(str(tmp_path / "elsewhere" / key))["settings"]["seed"] == 5
 
 
-def test_regenerates_only_when_settings_differ(tmp_path, monkeypatch):
+def test_other_settings_get_their_own_folder_and_nothing_is_rewritten(tmp_path, monkeypatch):
     calls = []
     real = pw.generate_parts_world
     monkeypatch.setattr(pw, "generate_parts_world", lambda root, s: calls.append(s) or real(root, s))
-    root = str(tmp_path / "parts_world")
-    pw.ensure_parts_world(root, SMALL)
+    base = str(tmp_path / "parts_world")
+    root = pw.ensure_parts_world(base, SMALL)
+    assert root == os.path.join(base, SMALL.key)
     first = _files(root)
-    pw.ensure_parts_world(root, SMALL)
-    assert len(calls) == 1
+    assert pw.ensure_parts_world(base, SMALL) == root and len(calls) == 1
     other = pw.WorldSettings(seed=3, num_train=5, num_val=4)
-    manifest = pw.ensure_parts_world(root, other)
-    assert len(calls) == 2
-    assert manifest["settings"]["seed"] == 3 and pw.read_manifest(root) == manifest
-    assert len(os.listdir(os.path.join(root, "images", "train"))) == 5
-    assert _files(root)["images/val/000000.png"] != first["images/val/000000.png"]
-    # a deleted json is noticed too
+    other_root = pw.ensure_parts_world(base, other)
+    assert len(calls) == 2 and other_root == os.path.join(base, other.key) != root
+    assert pw.read_manifest(other_root)["settings"]["seed"] == 3
+    assert len(os.listdir(os.path.join(other_root, "images", "train"))) == 5
+    assert _files(root) == first  # the first world is untouched
+    assert _files(other_root)["images/val/000000.png"] != first["images/val/000000.png"]
+    # a damaged world is reported, not silently regenerated under the work made from it
     os.remove(os.path.join(root, "parts_val.json"))
-    pw.ensure_parts_world(root, other)
-    assert len(calls) == 3 and os.path.isfile(os.path.join(root, "parts_val.json"))
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".parts_world-")]  # no temp leftovers
+    with pytest.raises(RuntimeError, match="parts_val.json missing.*never rewritten"):
+        pw.ensure_parts_world(base, SMALL)
+    assert len(calls) == 2
+    assert not [n for n in os.listdir(base) if "-tmp-" in n]  # no temp leftovers
+
+
+def test_defaults_are_the_config_defaults():
+    cfg = add_part_distill_config(get_cfg())
+    w = cfg.PARTS_WORLD
+    d = pw.WorldSettings()
+    assert (d.seed, d.num_train, d.num_val, d.image_size, d.max_objects, d.min_part_pixels) == (
+        w.SEED, w.NUM_TRAIN, w.NUM_VAL, w.IMAGE_SIZE, w.MAX_OBJECTS, w.MIN_PART_PIXELS)
+    assert d.key == pw.config_hash(d.as_dict()) and SMALL.key != d.key
 
 
 def test_concurrent_callers_generate_once(tmp_path, monkeypatch):
     calls = []
     real = pw.generate_parts_world
     monkeypatch.setattr(pw, "generate_parts_world", lambda root, s: calls.append(s) or real(root, s))
-    root = str(tmp_path / "parts_world")
+    base = str(tmp_path / "parts_world")
     results = []
-    threads = [threading.Thread(target=lambda: results.append(pw.ensure_parts_world(root, SMALL)))
+    threads = [threading.Thread(target=lambda: results.append(pw.ensure_parts_world(base, SMALL)))
                for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(results) == 3
-    assert pw.world_status(root, SMALL) is None
+    assert pw.world_status(results[0], SMALL) is None
 
 
 def test_foreign_directory_is_not_overwritten(tmp_path):
-    root = tmp_path / "parts_world"
-    root.mkdir()
+    root = tmp_path / "parts_world" / SMALL.key
+    root.mkdir(parents=True)
     (root / "precious.txt").write_text("not ours")
     with pytest.raises(RuntimeError, match="DETECTRON2_DATASETS"):
-        pw.ensure_parts_world(str(root), SMALL)
+        pw.ensure_parts_world(str(tmp_path / "parts_world"), SMALL)
     assert (root / "precious.txt").read_text() == "not ours"
 
 

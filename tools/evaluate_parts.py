@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 
+from part_distill.data.datasets.parts_world import register_parts_world_from_config
 from part_distill.engine.setup import build_cfg
 from part_distill.evaluation.store_predictions import evaluate_store
 from part_distill.utils.io import atomic_write_json
@@ -25,6 +26,7 @@ def main():
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = p.parse_args()
     cfg = build_cfg(args.config_file, args.opts)
+    register_parts_world_from_config(cfg)  # parts_world_* = the world of the given PARTS_WORLD.*
     results = evaluate_store(cfg, args.store, args.dataset, args.output)
     atomic_write_json(os.path.join(args.output, "eval_results.json"), results, indent=1)
     print(json.dumps(results, indent=1))

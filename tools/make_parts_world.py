@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Generate (or reuse) the synthetic parts world, print its summary, optionally draw a contact sheet.
 
-    python tools/make_parts_world.py                                  # $DETECTRON2_DATASETS/parts_world
+    python tools/make_parts_world.py                      # $DETECTRON2_DATASETS/parts_world/<key>/
     python tools/make_parts_world.py --contact-sheet output/demo/contact_sheet.png
     python tools/make_parts_world.py --root /tmp/pw --seed 3 --num-train 50 --num-val 20 --image-size 256
 
-An existing world with the same settings is reused; one with other settings is regenerated.
+Each world lives in its own folder <root>/<key>, key = hash of its settings; a world is generated
+once and never rewritten, so worlds with other settings (another --seed) sit beside it. The
+datasets parts_world_* stand for the world of the configured PARTS_WORLD.* (defaults: the defaults
+here); to use another one, pass the same settings as PARTS_WORLD.* options to every command.
 """
 import argparse
 import logging
@@ -19,7 +22,8 @@ from part_distill.data.parts_world import WorldSettings, ensure_parts_world, sum
 def parse_args():
     d = WorldSettings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=None, help="world directory (default: $DETECTRON2_DATASETS/parts_world)")
+    p.add_argument("--root", default=None,
+                   help="folder of all worlds, as PARTS_WORLD.ROOT (default: $DETECTRON2_DATASETS/parts_world)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--num-train", type=int, default=d.num_train)
     p.add_argument("--num-val", type=int, default=d.num_val)
@@ -33,11 +37,11 @@ def parse_args():
 def main():
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
     args = parse_args()
-    root = args.root or parts_world_root()
     settings = WorldSettings(seed=args.seed, num_train=args.num_train, num_val=args.num_val,
                              image_size=args.image_size, max_objects=args.max_objects)
-    ensure_parts_world(root, settings)
+    root = ensure_parts_world(args.root or parts_world_root(), settings)
     print(summarize_parts_world(root))
+    print(f"\nworld folder: {root}\nfingerprint:  world:{settings.key}/<split>")
     if args.contact_sheet:
         records = load_parts_world(root, "val", with_parts=True)
         save_contact_sheet(args.contact_sheet, records, types.SimpleNamespace(**parts_world_metadata()),

@@ -6,6 +6,7 @@ decoder, each store's ``manifest.json`` feeds training, each evaluation writes `
 import json
 import os
 
+from ..data.datasets.parts_world import parts_world_dir
 from ..utils.io import atomic_open
 from .pipeline import Step
 
@@ -71,7 +72,7 @@ def build_demo_steps(out, num_gpus=0, teacher_dir=None, mining_opts=()):
     steps += part_stage_steps(out, teacher, j("mined_train", "manifest.json"), launch,
                               one_stage_manifest=j("mined_train_clusters", "manifest.json"))
     steps += [predicted_object_eval_step(out, stage, launch) for stage in PREDICTED_OBJECT_EVALS]
-    world = os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "parts_world")
+    world = parts_world_dir()  # the demo runs every step with the default PARTS_WORLD.* settings
     val_images = [os.path.join(world, "images", "val", f"{i:06d}.png") for i in range(4)]
     steps.append(Step(
         "overlays",

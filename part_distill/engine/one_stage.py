@@ -10,6 +10,7 @@ previous student's own slot head (``OUTPUT_DIR/round_<r>``), as stage 4 does aft
 import logging
 import os
 
+from ..data.fingerprint import check_store_sources
 from ..data.pseudo_labels import PseudoLabelFilters, check_cluster_store, register_pseudo_labels
 from ..mining.store import read_manifest
 from .self_training import check_slot_head, run_rounds, with_overrides
@@ -29,6 +30,7 @@ def _mined_clusters(cfg):
                          "tools/mine_parts.py with MINING.LEVEL dataset")
     manifest = read_manifest(path)
     check_cluster_store(manifest, k)
+    check_store_sources(manifest, path)
     return path, manifest, k
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from detectron2.utils import comm
 
+from ..data.fingerprint import dataset_summary
 from ..data.image_io import UnreadableImageError
 from ..data.mappers import InstanceLSJMapper
 from ..mining.miner import records_to_shard
@@ -27,6 +28,7 @@ from ..mining.object_sources import MinedObject
 from ..mining.store import OBJECT_STRIDE, PART_STRIDE, PartStore, config_hash, finish_store
 from ..modeling.meta_arch.postprocess import mask_quality
 from ..modeling.part_candidates import select_part_candidates
+from ..utils.hashing import file_sha256  # noqa: F401  (re-exported: the teacher's hash)
 from ..utils.masks import decode_rle
 
 __all__ = ["PartLabelFilters", "check_label_config", "predict_part_queries", "part_scores", "object_part_labels", "object_masks",
@@ -284,18 +286,8 @@ def dataset_inputs(names):
     dicts, summary = [], []
     for name in names:
         ds = DatasetCatalog.get(name)
-        summary.append({"name": name, "num_images": len(ds)})
+        summary.append(dataset_summary(name, ds))  # with its fingerprint
         dicts += [dict(d, _mining_dataset=name) for d in ds]
     if not dicts:
         raise ValueError(f"no images in {list(names)} (PART_DISTILL.SELF_TRAIN.DATASETS)")
     return dicts, summary
-
-
-def file_sha256(path):
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]

@@ -16,6 +16,7 @@ import torch
 from ..modeling.checkpoint import PartDistillCheckpointer
 from detectron2.utils import comm
 
+from ..data.fingerprint import CHECKPOINT_KEY, check_sources, checkpoint_fingerprints
 from ..modeling.part_candidates import select_part_candidates
 from ..utils.io import atomic_write_json
 from .part_labels import PartLabelFilters, build_label_mapper, dataset_inputs, predict_with_objects, unwrap
@@ -91,17 +92,22 @@ def run_ranking(cfg, model=None):
     """Fit and install the ranker, save OUTPUT_DIR/model_final.pth; returns (model, report)."""
     from .trainer import PartDistillTrainer
 
+    model_given = model
     if model is None:
         if not cfg.MODEL.WEIGHTS:
             raise ValueError("stage 'ranking' needs MODEL.WEIGHTS: the self-trained part model")
         model = PartDistillTrainer.build_model(cfg)
-        PartDistillCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        loader = PartDistillCheckpointer(model)
+        loader.load(cfg.MODEL.WEIGHTS)
+        teacher_data = loader.last_metadata.get(CHECKPOINT_KEY, {}).get("sources")
     ranker = getattr(unwrap(model), "ranker", None)
     if ranker is None:
         raise TypeError(f"{type(unwrap(model)).__name__} has no PartRanker 'ranker'; stage 'ranking' needs "
                         "MODEL.META_ARCHITECTURE PartDistillationModel")
     rk, s = cfg.PART_DISTILL.RANKING, cfg.PART_DISTILL.SELF_TRAIN
     dicts, summary = dataset_inputs(s.DATASETS)
+    if model_given is None:  # the model must have been trained on the data it is ranked on
+        check_sources(teacher_data, {d["name"]: d["fingerprint"] for d in summary}, cfg.MODEL.WEIGHTS)
     features, classes, weights, keys = collect_candidates(
         model, dicts, build_label_mapper(cfg), PartLabelFilters.from_config(cfg), objects=s.OBJECTS,
         object_score_thresh=s.OBJECT_SCORE_THRESH, weight_mode=rk.WEIGHT, batch_size=s.BATCH_SIZE,
@@ -114,7 +120,10 @@ def run_ranking(cfg, model=None):
     report.update(inputs=summary, weight=rk.WEIGHT, min_candidates=rk.MIN_CANDIDATES,
                   clusters_per_class={str(c): int(v.shape[0]) for c, v in sorted(prototypes.items())})
     if comm.is_main_process():
-        PartDistillCheckpointer(unwrap(model), save_dir=cfg.OUTPUT_DIR).save("model_final")
+        saver = PartDistillCheckpointer(unwrap(model), save_dir=cfg.OUTPUT_DIR)
+        # The prototypes come from SELF_TRAIN.DATASETS: stage 4 checks it labels the same data.
+        saver.metadata = {CHECKPOINT_KEY: checkpoint_fingerprints(s.DATASETS)}
+        saver.save("model_final")
         atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "ranking_report.json"), report, indent=1, sort_keys=True)
         logger.info("Ranking: candidates per class %s; classes without prototypes %s",
                     report["candidates_per_class"], report["classes_without_prototypes"])

@@ -23,6 +23,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from ..data.fingerprint import CHECKPOINT_KEY, check_sources, source_fingerprints
 from ..data.pseudo_labels import PART_LABEL_KEY, PseudoLabelFilters, load_pseudo_labels
 from ..mining.store import code_version, config_hash, read_manifest
 from ..utils.io import atomic_open, atomic_write_json
@@ -164,9 +165,14 @@ def register_labelled_parts(name, manifest_path, filters):
 
 
 # ---------------------------------------------------------------- rounds
-def build_teacher(cfg, weights):
+def build_teacher(cfg, weights, data=None):
+    """The teacher ``weights`` in eval mode; ``data`` ({dataset: fingerprint}, what it will label): refuse
+    a teacher whose checkpoint records that it was trained on another version of those datasets."""
     model = PartDistillTrainer.build_model(cfg)
-    PartDistillCheckpointer(model).load(weights)
+    loader = PartDistillCheckpointer(model)
+    loader.load(weights)
+    if data is not None:
+        check_sources(loader.last_metadata.get(CHECKPOINT_KEY, {}).get("sources"), data, f"the teacher {weights}")
     model.eval()
     return model
 
@@ -178,7 +184,7 @@ def _label_round(cfg, teacher_cfg, teacher_weights, labels_dir, stage, r, labele
     config = {"stage": stage, "round": r, "teacher_sha256": file_sha256(teacher_weights),
               "filters": filters.as_dict(), "objects": s.OBJECTS, "object_score_thresh": s.OBJECT_SCORE_THRESH,
               "shard_size": s.SHARD_SIZE, "test_size": [teacher_cfg.INPUT.MIN_SIZE_TEST, teacher_cfg.INPUT.MAX_SIZE_TEST]}
-    teacher = build_teacher(teacher_cfg, teacher_weights)
+    teacher = build_teacher(teacher_cfg, teacher_weights, {d["name"]: d["fingerprint"] for d in summary})
     labeler = labeler_factory(teacher, r) if labeler_factory is not None else None
     if labeler is not None:
         config["labeler"] = getattr(labeler, "description", type(labeler).__name__)
@@ -244,6 +250,8 @@ def run_rounds(cfg, *, stage, num_rounds, teacher_cfg_of_round=None, labeler_fac
         if os.path.isfile(done):
             with open(done) as f:
                 info = json.load(f)
+            # A finished round stands for the data it was labelled from; other data must not reuse it.
+            check_sources(info.get("data_fingerprints"), source_fingerprints(s.DATASETS), done)
             logger.info("%s round %d already finished (%s), skipped", stage, r, done)
             teacher = info["next_teacher"]
             continue
@@ -268,7 +276,9 @@ def run_rounds(cfg, *, stage, num_rounds, teacher_cfg_of_round=None, labeler_fac
                            "config_hash": labels_manifest["config_hash"], "counts": labels_manifest["counts"],
                            "eval": labels_eval or {}},
                 "checkpoint": final, "iterations": iterations, "eval": results, "next_teacher": next_teacher,
-                "config_hash": config_hash(cfg.dump()), "code_version": code_version()}
+                "config_hash": config_hash(cfg.dump()), "code_version": code_version(),
+                "data_fingerprints": {d["name"]: d["fingerprint"] for d in labels_manifest["inputs"]["datasets"]
+                                      if d.get("fingerprint")}}
         if comm.is_main_process():
             atomic_write_json(done, info, indent=1, sort_keys=True)
         comm.synchronize()

@@ -15,6 +15,7 @@ import torch
 from ..modeling.checkpoint import PartDistillCheckpointer
 from detectron2.utils import comm
 
+from ..data.fingerprint import check_store_sources
 from ..data.pseudo_labels import PseudoLabelFilters, register_pseudo_labels
 from ..mining.store import read_manifest
 from ..utils.io import atomic_write_json
@@ -64,6 +65,7 @@ def run_proposal(cfg, resume=False):
         raise ValueError("stage 'proposal' needs PART_DISTILL.PSEUDO_LABELS.MANIFEST: the manifest.json "
                          "(or directory) of a store written by tools/mine_parts.py")
     manifest = read_manifest(path)
+    check_store_sources(manifest, path)  # the store's datasets are still the versions it was mined from
     name = register_pseudo_labels(f"mined_parts_{manifest['config_hash']}", path, PseudoLabelFilters.from_config(cfg))
     cfg = with_overrides(cfg, **{"DATASETS.TRAIN": (name,)})
     trainer = PartDistillTrainer(cfg)

@@ -16,6 +16,7 @@ from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
+from ..data.fingerprint import CHECKPOINT_KEY, check_resume, checkpoint_fingerprints
 from ..data.mappers import InstanceLSJMapper, build_dataset_mapper
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,16 @@ class PartDistillTrainer(DefaultTrainer):
 
         self.checkpointer = PartDistillCheckpointer(
             self.checkpointer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        # Every checkpoint (periodic, final) records the data it was trained on; resume checks it.
+        self.checkpointer.metadata = {CHECKPOINT_KEY: checkpoint_fingerprints(cfg.DATASETS.TRAIN)}
+
+    def resume_or_load(self, resume=True):
+        """DefaultTrainer's, refusing to resume from a checkpoint trained on other data."""
+        resuming = resume and self.checkpointer.has_checkpoint()
+        super().resume_or_load(resume=resume)
+        if resuming:
+            check_resume(self.checkpointer.last_metadata.get(CHECKPOINT_KEY),
+                         self.checkpointer.metadata[CHECKPOINT_KEY], self.checkpointer.get_checkpoint_file())
 
     @classmethod
     def build_train_loader(cls, cfg):

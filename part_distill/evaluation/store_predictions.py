@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from detectron2.structures import Instances
 
+from ..data.fingerprint import check_store_dataset
 from ..mining.store import PartStore, read_manifest
 from ..utils.masks import decode_rle
 from .build import build_part_evaluators
@@ -43,7 +44,11 @@ def iter_store_predictions(manifest_path):
 
 
 def evaluate_store(cfg, manifest_path, dataset_name, output_dir):
-    """Run the configured part evaluators of ``dataset_name`` over a store; returns the metric dict."""
+    """Run the configured part evaluators of ``dataset_name`` over a store; returns the metric dict.
+
+    Refuses (FingerprintMismatchError) a store made from another version of the dataset.
+    """
+    check_store_dataset(read_manifest(manifest_path), dataset_name, manifest_path)
     evaluator = build_part_evaluators(cfg, dataset_name, output_dir)
     evaluator.reset()
     for inp, out in iter_store_predictions(manifest_path):

@@ -49,6 +49,7 @@ from detectron2.config import configurable
 from detectron2.data import DatasetCatalog
 from detectron2.utils import comm
 
+from ..data.fingerprint import dataset_summary
 from ..data.image_io import UnreadableImageError, read_image
 from ..utils.masks import encode_rle, mask_to_bbox_xywh
 from .features import MINING_FEATURE_REGISTRY, build_feature_extractor
@@ -396,7 +397,7 @@ def load_mining_inputs(cfg):
         raise ValueError("MINING.DATASETS is empty: name the DatasetCatalog datasets to mine")
     for name in cfg.MINING.DATASETS:
         ds = DatasetCatalog.get(name)
-        inputs.append({"name": name, "num_images": len(ds)})
+        inputs.append(dataset_summary(name, ds))  # the fingerprint makes the store refuse other data
         dicts += [dict(d, _mining_dataset=name) for d in ds]
     return dicts, inputs
 

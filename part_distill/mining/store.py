@@ -21,13 +21,13 @@ object id = (image index + 1) * OBJECT_STRIDE + object row, part id = object id 
 Shards are numbered globally and rank r mines shards c with c % world_size == r, so the files
 (and the manifest) do not depend on the world size, and a rerun skips every shard already on disk.
 """
-import hashlib
 import json
 import logging
 import os
 import shutil
 import subprocess
 
+from ..utils.hashing import config_hash
 from ..utils.io import atomic_write_json
 
 __all__ = [
@@ -59,11 +59,6 @@ class EmptyStoreError(RuntimeError):
 
 class ConfigMismatchError(RuntimeError):
     """The output directory holds shards mined with another configuration or inputs."""
-
-
-def config_hash(obj):
-    """Stable short hash of a JSON-serialisable object."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def code_version():
@@ -148,6 +143,9 @@ class PartStore:
                     "use a new MINING.OUTPUT_DIR or pass --overwrite")
             return
         if existing.get("config_hash") != run_info["config_hash"]:
+            from ..data.fingerprint import check_same_inputs
+
+            check_same_inputs(existing, run_info, self.root)  # names both fingerprints when the data changed
             old, new = existing.get("config", {}), run_info["config"]
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ConfigMismatchError(

@@ -26,6 +26,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 from timm.models.swin_transformer import get_relative_position_index
 
+from ..data.fingerprint import CHECKPOINT_KEY
 from .backbone.swin import D2SwinTransformer
 from .hf_import import (convert_hf_mask2former_state_dict, hf_weights_file, is_hf_mask2former_state_dict,
                         read_hf_state_dict)
@@ -130,6 +131,19 @@ class PartDistillCheckpointer(DetectionCheckpointer):
     """
 
     last_incompatible: Optional[_IncompatibleKeys] = None
+    # Saved into every checkpoint this checkpointer writes (e.g. the trainer's dataset fingerprints),
+    # beside what the hooks pass to save(); a load keeps the file's own entries in ``last_metadata``.
+    metadata: Optional[Dict] = None
+    last_metadata: Dict = {}
+    METADATA_KEYS = (CHECKPOINT_KEY,)
+
+    def save(self, name, **kwargs):
+        super().save(name, **{**(self.metadata or {}), **kwargs})
+
+    def load(self, path, checkpointables=None):
+        extra = super().load(path, checkpointables)
+        self.last_metadata = {k: extra[k] for k in self.METADATA_KEYS if k in (extra or {})}
+        return extra
 
     def load(self, path, *args, **kwargs):
         # fvcore only opens files: a save_pretrained folder stands for its weights file.

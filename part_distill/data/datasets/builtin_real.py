@@ -14,6 +14,7 @@ import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from ..fingerprint import register_fingerprint_sources
 from .cityscapes_parts import cityscapes_parts_vocabulary, load_cityscapes_parts
 from .partimagenet import PARTIMAGENET_PARTS, load_partimagenet, partimagenet_vocabulary
 from .pascal_part import VOC_CLASSES, load_pascal_part, pascal_part_vocabulary, read_split_ids
@@ -70,15 +71,17 @@ def _load_cityscapes(name, split, with_parts):
     return load_cityscapes_parts(label_dir, image_dir, with_parts, dataset_name=name)
 
 
-def _register(name, loader, metadata):
+def _register(name, loader, metadata, sources):
     DatasetCatalog.pop(name, None)
     MetadataCatalog.pop(name, None)
     DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(**metadata)
+    register_fingerprint_sources(name, sources)
 
 
 def _all_datasets():
-    """name -> (loader, metadata), every real dataset."""
+    """name -> (loader, metadata, annotation sources), every real dataset; the sources (files and
+    folders the annotations are read from) make its fingerprint (part_distill/data/fingerprint.py)."""
     out = {}
     coarse, fine = pascal_part_vocabulary("coarse"), pascal_part_vocabulary("fine")
     for split in PASCAL_PART_SPLITS:
@@ -86,17 +89,20 @@ def _all_datasets():
                                    (f"pascal_part_{split}_parts", "coarse", coarse),
                                    (f"pascal_part_fine_{split}_parts", "fine", fine)):
             out[name] = (lambda n=name, s=split, lv=level: _load_pascal_part(n, s, lv),
-                         object_metadata(VOC_CLASSES, vocab[0], vocab[1], level is not None))
+                         object_metadata(VOC_CLASSES, vocab[0], vocab[1], level is not None),
+                         lambda s=split: pascal_part_paths(s)[1:])
     things, parts, object_parts, _ = partimagenet_vocabulary()
     for split in PARTIMAGENET_SPLITS:
         for name, with_parts in ((f"part_imagenet_{split}", False), (f"part_imagenet_{split}_parts", True)):
             out[name] = (lambda n=name, s=split, wp=with_parts: _load_partimagenet(n, s, wp),
-                         object_metadata(things, parts, object_parts, with_parts))
+                         object_metadata(things, parts, object_parts, with_parts),
+                         lambda s=split: partimagenet_paths(s)[:1])
     things, parts, object_parts = cityscapes_parts_vocabulary()
     for split in CITYSCAPES_SPLITS:
         for name, with_parts in ((f"cityscapes_parts_{split}", False), (f"cityscapes_parts_{split}_parts", True)):
             out[name] = (lambda n=name, s=split, wp=with_parts: _load_cityscapes(n, s, wp),
-                         object_metadata(things, parts, object_parts, with_parts))
+                         object_metadata(things, parts, object_parts, with_parts),
+                         lambda s=split: cityscapes_parts_paths(s)[:1])
     return out
 
 
@@ -105,8 +111,8 @@ REAL_DATASETS = tuple(_all_datasets())
 
 def register_real_part_datasets():
     """(Re-)register every real part dataset; idempotent."""
-    for name, (loader, metadata) in _all_datasets().items():
-        _register(name, loader, metadata)
+    for name, (loader, metadata, sources) in _all_datasets().items():
+        _register(name, loader, metadata, sources)
 
 
 register_real_part_datasets()

@@ -4,9 +4,10 @@
 ``parts_world_{train,val}_parts``: the same dicts with each object's ``parts`` attached; only the
 evaluators and the few-shot ``supervised`` stage may read them.
 
-The world lives at ``$DETECTRON2_DATASETS/parts_world`` (default ``./datasets/parts_world``),
-resolved when a dataset is first requested, and is generated there (atomically) if it is missing
-or was made with other settings than the registered ones.
+The registered world lives at ``$DETECTRON2_DATASETS/parts_world/<settings key>/`` (default
+``./datasets/parts_world/<key>``), resolved when a dataset is first requested, and is generated
+there once (atomically) if missing. Other settings are another folder: the names always mean the
+world of the registered settings, and no world is ever rewritten under a store made from it.
 """
 import json
 import os
@@ -15,7 +16,7 @@ from collections import defaultdict
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-from ..parts_world import OBJECT_CLASSES, OBJECT_PARTS, PART_CLASSES, WorldSettings, ensure_parts_world
+from ..parts_world import OBJECT_CLASSES, OBJECT_PARTS, PART_CLASSES, WorldSettings, ensure_parts_world, world_dir
 
 # dataset name -> (split, with parts)
 PARTS_WORLD_DATASETS = {
@@ -27,8 +28,13 @@ PARTS_WORLD_DATASETS = {
 
 
 def parts_world_root(subdir="parts_world"):
-    """Where the world lives: ``subdir`` under $DETECTRON2_DATASETS (an absolute subdir wins)."""
+    """The folder of all worlds: ``subdir`` under $DETECTRON2_DATASETS (an absolute subdir wins)."""
     return os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), subdir)
+
+
+def parts_world_dir(settings=None, subdir="parts_world"):
+    """The folder of one world, ``<parts_world_root(subdir)>/<settings.key>`` (default settings)."""
+    return world_dir(parts_world_root(subdir), settings or WorldSettings())
 
 
 def parts_world_metadata():
@@ -81,8 +87,7 @@ def _publish_metadata(name, **fields):
 
 def _load(name, settings, subdir):
     split, with_parts = PARTS_WORLD_DATASETS[name]
-    root = os.path.abspath(parts_world_root(subdir))
-    ensure_parts_world(root, settings)
+    root = ensure_parts_world(parts_world_root(subdir), settings)
     _publish_metadata(name, json_file=os.path.join(root, f"instances_{split}.json"),
                       image_root=os.path.join(root, "images", split), dataset_root=root)
     return load_parts_world(root, split, with_parts, dataset_name=name)
@@ -91,17 +96,19 @@ def _load(name, settings, subdir):
 def register_parts_world(settings=None, subdir="parts_world"):
     """(Re-)register the four parts-world datasets for ``settings`` (default: WorldSettings()).
 
-    The root, ``subdir`` under $DETECTRON2_DATASETS (or ``subdir`` itself if absolute), is
-    resolved each time a dataset is loaded, so the variable may be set after import.
+    The world's folder, ``<settings.key>`` inside ``subdir`` under $DETECTRON2_DATASETS (or inside
+    ``subdir`` itself if absolute), is resolved each time a dataset is loaded, so the variable may
+    be set after import. Metadata ``world_settings`` / ``world_key`` / ``world_split`` say which
+    world a name stands for (its fingerprint, part_distill/data/fingerprint.py).
     """
     settings = settings or WorldSettings()
-    for name, (_, with_parts) in PARTS_WORLD_DATASETS.items():
+    for name, (split, with_parts) in PARTS_WORLD_DATASETS.items():
         DatasetCatalog.pop(name, None)
         MetadataCatalog.pop(name, None)
         DatasetCatalog.register(name, lambda name=name: _load(name, settings, subdir))
         MetadataCatalog.get(name).set(
             evaluator_type="parts" if with_parts else "coco", world_settings=settings.as_dict(),
-            **parts_world_metadata())
+            world_key=settings.key, world_split=split, **parts_world_metadata())
 
 
 def register_parts_world_from_config(cfg):
