@@ -141,15 +141,12 @@ class PartDistillCheckpointer(DetectionCheckpointer):
         super().save(name, **{**(self.metadata or {}), **kwargs})
 
     def load(self, path, checkpointables=None):
-        extra = super().load(path, checkpointables)
-        self.last_metadata = {k: extra[k] for k in self.METADATA_KEYS if k in (extra or {})}
-        return extra
-
-    def load(self, path, *args, **kwargs):
         # fvcore only opens files: a save_pretrained folder stands for its weights file.
         if path and os.path.isdir(path):
             path = hf_weights_file(path)
-        return super().load(path, *args, **kwargs)
+        extra = super().load(path, checkpointables)
+        self.last_metadata = {k: extra[k] for k in self.METADATA_KEYS if k in (extra or {})}
+        return extra
 
     def _load_file(self, filename):
         if filename.endswith((".safetensors", ".index.json")):
