@@ -9,6 +9,7 @@ from fvcore.common.checkpoint import _IncompatibleKeys
 
 import part_distill  # noqa: F401  (registers datasets and models)
 from detectron2.data import DatasetCatalog
+from detectron2.utils.env import seed_all_rng
 from part_distill.data.parts_world import WorldSettings
 from part_distill.engine.few_shot_table import build_few_shot_steps, few_shot_markdown, write_few_shot_table
 from part_distill.engine.setup import build_cfg
@@ -155,6 +156,35 @@ def test_run_supervised_trains_on_part_categories_and_reinitialises_only_the_cla
     seen.clear()
     again = run_supervised(cfg, resume=True)
     assert again["supervised"]["resumed"] and seen == []
+
+
+def _supervised_losses(out_dir, lr, monkeypatch, iters=40):
+    """Last-layer class + mask + dice loss of every training iteration of a from-scratch supervised run."""
+    seen = []
+    original = SetCriterion.forward
+
+    def recording(self, outputs, targets):
+        losses = original(self, outputs, targets)
+        seen.append(float(sum(losses[k] for k in ("loss_ce", "loss_mask", "loss_dice"))))
+        return losses
+
+    monkeypatch.setattr(SetCriterion, "forward", recording)
+    seed_all_rng(0)  # the model's initialisation and the sampler's image order
+    run_supervised(tiny_cfg(out_dir, "MODEL.WEIGHTS", "", "SOLVER.MAX_ITER", str(iters), "SOLVER.BASE_LR", str(lr)),
+                   resume=False)
+    monkeypatch.undo()
+    assert len(seen) == iters
+    return seen
+
+
+def test_supervised_stage_fits_the_part_labels_and_lr0_does_not(world, monkeypatch):
+    # Same seed, same batches: only the learning rate differs. With identity augmentation the 4 images
+    # recur every 2 iterations, so the last 10 iterations' loss measures the fit to their part labels.
+    learned = _supervised_losses(world / "fit_lr", 1e-3, monkeypatch)
+    control = _supervised_losses(world / "fit_lr0", 0.0, monkeypatch)
+    assert learned[0] == pytest.approx(control[0], rel=1e-5)  # the same start
+    assert np.mean(learned[-10:]) < 0.75 * np.mean(control[-10:]), (learned[-10:], control[-10:])
+    assert np.mean(control[-10:]) > 0.9 * np.mean(control[:10])  # without steps the fit does not move
 
 
 def test_teacher_init_and_bad_configs(world):
