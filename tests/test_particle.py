@@ -162,19 +162,11 @@ def _cfg(out_dir, *opts):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("ds"))
-    old = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = root
-    register_parts_world(SETTINGS)
+def world(tmp_path_factory, tiny_world_factory):
+    root = tiny_world_factory(SETTINGS)
     out = tmp_path_factory.mktemp("particle") / "full"
     res = stage_mod.run_particle(_cfg(out))
     yield {"root": root, "out": out, "res": res, "tmp": tmp_path_factory}
-    if old is None:
-        os.environ.pop("DETECTRON2_DATASETS", None)
-    else:
-        os.environ["DETECTRON2_DATASETS"] = old
-    register_parts_world()
 
 
 def _weights(path):
