@@ -61,12 +61,13 @@ def _check_against(features, shapes, reference, size):
         torch.testing.assert_close(f, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_efficientnet_features_equal_timm_tf_efficientnet_lite0():
+@pytest.mark.parametrize("norm", ["FrozenBN", "BN"])
+def test_efficientnet_features_equal_timm_tf_efficientnet_lite0(norm):
     """timm's independent EfficientNet-Lite0 (TF "same" padding, as the ImageNet weights were trained)
     with our weights copied gives the same res2..res5 features, at an input size not divisible by 32."""
     timm = pytest.importorskip("timm")
     backbone = _perturbed(build_backbone(_cfg("build_efficientnet_lite_backbone",
-                                              **{"MODEL.EFFICIENTNET.NORM": "BN"})), 0).eval()
+                                              **{"MODEL.EFFICIENTNET.NORM": norm})), 0).eval()
     ref = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True,
                             out_indices=(1, 2, 3, 4)).eval()
     # Both list the same layers in the same order (stem, then the 16 MBConv blocks): copy by position.
