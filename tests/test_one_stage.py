@@ -110,7 +110,7 @@ def test_one_stage_trains_on_slots_and_resumes(world, stores, monkeypatch):  # n
     assert again["checkpoint"] == info["checkpoint"]
 
 
-def _adapter_fit(skip_feature="res2", shuffle=False, steps=150):
+def _adapter_fit(skip_feature="res2", shuffle=False, steps=80):
     """Held-out MSE / its value at initialisation of an adapter trained (Adam) to add to 8-dim mask
     features a fixed linear map of a 5-channel stride-4 level (2x average-pooled). ``shuffle`` pairs the
     training targets with another sample's inputs: nothing to learn that carries over."""
