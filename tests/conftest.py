@@ -26,11 +26,14 @@ def parts_world_at(root, settings):
 
 @pytest.fixture(scope="module")
 def tiny_world_factory(tmp_path_factory):
-    """``tiny_world_factory(settings)`` registers a tiny world for the rest of the module."""
+    """``tiny_world_factory(settings)`` registers a tiny world for the rest of the module and returns its
+    root (what a subprocess sets as $DETECTRON2_DATASETS to register the same world)."""
     stack = contextlib.ExitStack()
 
     def make(settings):
-        stack.enter_context(parts_world_at(tmp_path_factory.mktemp("ds"), settings))
+        root = str(tmp_path_factory.mktemp("ds"))
+        stack.enter_context(parts_world_at(root, settings))
+        return root
 
     yield make
     stack.close()

@@ -1,4 +1,5 @@
-"""Backbones: shapes, real EfficientNet-Lite0 ImageNet weights, freezing, GroupNorm fallback."""
+"""Backbones: features equal to timm / torchvision on the same weights, real EfficientNet-Lite0 ImageNet
+weights, freezing, GroupNorm fallback."""
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -40,17 +41,72 @@ def cat_image():
     return (img - 127.5) / 127.5
 
 
-@pytest.mark.parametrize("name", ["build_efficientnet_lite_backbone", "build_resnet_gn_backbone"])
-def test_backbone_shapes_and_output_shape(name):
-    model = build_backbone(_cfg(name)).eval()
-    x = torch.randn(2, 3, 128, 96)
+def _perturbed(module, seed):
+    """Random norm affines and statistics, so an identity-like norm cannot hide a wrong layer order."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        feats = model(x)
-    shapes = model.output_shape()
-    assert set(feats) == set(STRIDES) == set(shapes)
-    for k, f in feats.items():
-        assert shapes[k].stride == STRIDES[k]
-        assert tuple(f.shape) == (2, shapes[k].channels, 128 // STRIDES[k], 96 // STRIDES[k])
+        for name, t in module.state_dict().items():
+            if name.endswith(("norm.weight", "bn1.weight", "bn2.weight", "bn0.weight", "running_var")):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+            elif name.endswith(("norm.bias", "bn1.bias", "bn2.bias", "bn0.bias", "running_mean")):
+                t.copy_(0.2 * torch.randn(t.shape, generator=g))
+    return module
+
+
+def _check_against(features, shapes, reference, size):
+    assert list(features) == list(STRIDES) and set(shapes) == set(STRIDES)
+    for (name, f), ref in zip(features.items(), reference):
+        assert shapes[name].stride == STRIDES[name] and f.shape[1] == shapes[name].channels
+        assert tuple(f.shape[-2:]) == tuple(-(-s // STRIDES[name]) for s in size), name
+        torch.testing.assert_close(f, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("norm", ["FrozenBN", "BN"])
+def test_efficientnet_features_equal_timm_tf_efficientnet_lite0(norm):
+    """timm's independent EfficientNet-Lite0 (TF "same" padding, as the ImageNet weights were trained)
+    with our weights copied gives the same res2..res5 features, at an input size not divisible by 32."""
+    timm = pytest.importorskip("timm")
+    backbone = _perturbed(build_backbone(_cfg("build_efficientnet_lite_backbone",
+                                              **{"MODEL.EFFICIENTNET.NORM": norm})), 0).eval()
+    ref = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True,
+                            out_indices=(1, 2, 3, 4)).eval()
+    # Both list the same layers in the same order (stem, then the 16 MBConv blocks): copy by position.
+    ours = [v for k, v in backbone.state_dict().items() if not k.endswith("num_batches_tracked")]
+    names = [k for k in ref.state_dict() if not k.endswith("num_batches_tracked")]
+    assert len(ours) == len(names)
+    assert all(v.shape == ref.state_dict()[k].shape for v, k in zip(ours, names))
+    ref.load_state_dict(dict(zip(names, ours)), strict=False)
+    x = torch.randn(2, 3, 100, 76, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _check_against(backbone(x), backbone.output_shape(), ref(x), (100, 76))
+
+
+def _torchvision_name(d2_name):
+    """detectron2 ResNet parameter name -> torchvision's (res2 = layer1, shortcut = downsample)."""
+    n = d2_name.replace("stem.conv1.norm.", "bn1.").replace("stem.conv1.", "conv1.")
+    for i in range(2, 6):
+        n = n.replace(f"res{i}.", f"layer{i - 1}.")
+    n = n.replace("shortcut.norm.", "downsample.1.").replace("shortcut.", "downsample.0.")
+    return n.replace("conv1.norm.", "bn1.").replace("conv2.norm.", "bn2.")
+
+
+def test_resnet_gn_features_equal_torchvision_resnet18_with_groupnorm():
+    """torchvision's ResNet-18 with GroupNorm(32) and our weights copied gives the same res2..res5."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    backbone = _perturbed(build_backbone(_cfg("build_resnet_gn_backbone")), 0).eval()
+    ref = torchvision.models.resnet18(weights=None, norm_layer=lambda c: nn.GroupNorm(32, c)).eval()
+    state = {_torchvision_name(k): v for k, v in backbone.state_dict().items()}
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    x = torch.randn(2, 3, 128, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))
+        stages = []
+        for layer in (ref.layer1, ref.layer2, ref.layer3, ref.layer4):
+            y = layer(y)
+            stages.append(y)
+        _check_against(backbone(x), backbone.output_shape(), stages, (128, 96))
 
 
 def test_efficientnet_channels_and_subset_of_outputs():

@@ -51,7 +51,7 @@ def _worker(rank, init_file, out_dir):
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):
-    single = json.loads(json.dumps(_metrics(range(NUM_IMAGES), False, None)))
+    single = json.loads(json.dumps(_metrics(range(NUM_IMAGES), False, str(tmp_path / "single_reports"))))
     ctx = multiprocessing.get_context("spawn")  # no fork: the parent may hold torch/OpenMP threads
     procs = [ctx.Process(target=_worker, args=(r, str(tmp_path / "pg_init"), str(tmp_path))) for r in range(2)]
     for p in procs:
@@ -72,4 +72,9 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         for name, value in single[task].items():
             assert np.isclose(rank0[task][name], value, rtol=0, atol=1e-12, equal_nan=True), (task, name)
     assert single["parts_ar"]["AR@20"] > 0 and single["parts_miou"]["separate_split"] == 1.0
-    assert (tmp_path / "reports" / "parts_ar.csv").exists() and (tmp_path / "reports" / "parts_nmi_ari.md").exists()
+    # rank 0 writes the reports one process writes, byte for byte
+    names = sorted(os.listdir(tmp_path / "single_reports"))
+    assert {"parts_ar.csv", "parts_miou.csv", "parts_nmi_ari.md"} <= set(names)
+    assert sorted(os.listdir(tmp_path / "reports")) == names
+    for name in names:
+        assert (tmp_path / "reports" / name).read_bytes() == (tmp_path / "single_reports" / name).read_bytes(), name

@@ -90,7 +90,7 @@ def _write(path, obj):
         json.dump(obj, f)
 
 
-def test_ablation_steps_and_table_read_what_the_stages_wrote(tmp_path):
+def test_ablation_steps_and_table_read_what_the_stages_wrote(tmp_path, monkeypatch):
     demo, out = str(tmp_path / "demo"), str(tmp_path / "abl")
     with pytest.raises(FileNotFoundError, match="make demo"):
         build_ablation_steps(out, demo, ["previous"])
@@ -122,6 +122,18 @@ def test_ablation_steps_and_table_read_what_the_stages_wrote(tmp_path):
                                 "AR@200 stage 4 pred. obj.": 3.0, "mIoU stage 4 pred. obj.": 18.0,
                                 "CPU min": pytest.approx(3.0)}
     assert rows[DEFAULT_VARIANT]["CPU min"] == pytest.approx(1.0) and rows[DEFAULT_VARIANT]["AR@200 stage 2"] is None
+    import matplotlib.axes
+
+    points, real_scatter = [], matplotlib.axes.Axes.scatter
+
+    def record(self, x, y, *args, **kwargs):
+        points.append((x, y))
+        return real_scatter(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", record)
     text = write_ablation_table(out, demo, ["previous"])
-    assert os.path.getsize(os.path.join(out, "tradeoff.png")) > 0
+    # the trade-off plot has the variant's point (CPU minutes, stage-4 AR@200) and is a real PNG
+    assert points == [(pytest.approx(3.0), 4.7)]
+    with open(os.path.join(out, "tradeoff.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "| previous |" in text and "| 0.24 | 3.5 | 3.3 | 4.7 | 20.0 | 10.5 | 5.8 | 3.0 | 18.0 | 3.0 |" in text

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
@@ -147,12 +148,31 @@ def test_instance_model_train_losses_and_eval_format(instance_model):
     assert len(inst) == 5 and (inst.scores[:-1] >= inst.scores[1:]).all()
 
 
-def test_two_image_overfit_reduces_loss():
+def _instance_fit(model):
+    """Per GT object of ``_inputs``: (best IoU of a predicted instance at output size, is its class right)."""
+    model.eval()
+    with torch.no_grad():
+        outs = model(_inputs())
+    model.train()
+    fit = []
+    for x, o in zip(_inputs(), outs):
+        pred = o["instances"]
+        gt = F.interpolate(x["instances"].gt_masks[None].float(), size=(80, 96), mode="nearest")[0] > 0.5
+        for m, c in zip(gt, x["instances"].gt_classes.tolist()):
+            iou = (pred.pred_masks & m).sum((1, 2)).float() / (pred.pred_masks | m).sum((1, 2)).float()
+            j = int(iou.argmax())
+            fit.append((float(iou[j]), int(pred.pred_classes[j]) == c))
+    return fit
+
+
+def test_two_image_overfit_reduces_loss_and_segments_the_objects():
     torch.manual_seed(0)
     cfg = _cfg("InstanceSegmentor", "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
                "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0")
     model = build_model(cfg)
     model.train()
+    # Control: the untrained model's instances miss every object, so the fit below can fail.
+    assert all(iou < 0.3 for iou, _ in _instance_fit(model))
     opt = build_optimizer(cfg, model)
     inputs = _inputs()
     history = []
@@ -163,6 +183,8 @@ def test_two_image_overfit_reduces_loss():
         opt.step()
         history.append(loss.item())
     assert np.mean(history[-5:]) < 0.6 * np.mean(history[:5])
+    fit = _instance_fit(model)
+    assert len(fit) == 4 and all(iou > 0.8 and right for iou, right in fit), fit
 
 
 def _part_model(*opts):

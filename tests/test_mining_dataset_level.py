@@ -1,5 +1,4 @@
 """Dataset-level part mining (MINING.LEVEL "dataset"): per-class k-means checked against scikit-learn."""
-import os
 
 import numpy as np
 import pytest
@@ -9,7 +8,6 @@ from sklearn.cluster import KMeans
 
 import part_distill  # noqa: F401  (registers datasets)
 from detectron2.data import DatasetCatalog
-from part_distill.data.datasets.parts_world import register_parts_world
 from part_distill.data.parts_world import WorldSettings
 from part_distill.engine.setup import build_cfg
 from part_distill.mining.miner import PartMiner, mine_parts
@@ -30,16 +28,9 @@ def _cfg(out_dir="", *opts):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    old = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = str(tmp_path_factory.mktemp("ds"))
-    register_parts_world(SETTINGS)
+def world(tmp_path_factory, tiny_world_factory):
+    tiny_world_factory(SETTINGS)
     yield tmp_path_factory
-    if old is None:
-        os.environ.pop("DETECTRON2_DATASETS", None)
-    else:
-        os.environ["DETECTRON2_DATASETS"] = old
-    register_parts_world()
 
 
 def _collect(miner, bsize, reverse=False):

@@ -112,6 +112,63 @@ def test_crop_model_trains_on_crops_and_keeps_parts_in_their_owner(tmp_path):
             assert j >= 0 and not (m & ~obj[j]).any()
 
 
+def _padded_slice(t, x0, y0, side):
+    """t[..., y0:y0 + side, x0:x0 + side] of a [..., H, W] tensor, zeros where the window leaves it."""
+    h, w = t.shape[-2:]
+    out = t.new_zeros(t.shape[:-2] + (side, side))
+    ys, xs = slice(max(y0, 0), min(y0 + side, h)), slice(max(x0, 0), min(x0 + side, w))
+    out[..., ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0] = t[..., ys, xs]
+    return out
+
+
+def test_crop_training_feeds_each_owner_crop_and_its_own_parts_cropped_alike(tmp_path, monkeypatch):
+    from part_distill.modeling.criterion import SetCriterion
+
+    # Both objects are 32 px wide: with CONTEXT 2 and no jitter each crop is a 64 px window at an
+    # integer offset, i.e. a plain (zero-padded) slice of the image and of the part masks.
+    model = _crop_model(tmp_path, "MODEL.PART_DISTILL.OBJECT_CROP.CONTEXT", "2.0",
+                        "MODEL.PART_DISTILL.OBJECT_CROP.SCALE_JITTER", "1.0",
+                        "MODEL.PART_DISTILL.OBJECT_CROP.SHIFT_JITTER", "0.0").train()
+    obj = torch.zeros(2, 64, 64, dtype=torch.bool)
+    obj[0, 8:30, 8:40] = True  # centre (24, 19): window x -8..56, y -13..51
+    obj[1, 36:60, 28:60] = True  # centre (44, 48): window x 12..76, y 16..80
+    pm = torch.zeros(3, 64, 64, dtype=torch.bool)
+    pm[0, 8:30, 8:24] = True
+    pm[1, 8:30, 24:40] = True
+    pm[2, 36:48, 28:60] = True
+    image = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = {"image": image, "height": 64, "width": 64,
+         "instances": Instances((64, 64), gt_masks=BitMasks(obj), gt_classes=torch.tensor([1, 2])),
+         "parts": Instances((64, 64), gt_masks=BitMasks(pm), gt_classes=torch.zeros(3, dtype=torch.int64),
+                            object_ids=torch.tensor([7, 7, 9])),
+         "part_objects": Instances((64, 64), gt_masks=BitMasks(obj), gt_classes=torch.tensor([1, 2]),
+                                   object_ids=torch.tensor([7, 9]))}
+    crops, targets = [], []
+    real_encode, real_criterion = model.encode_for_parts, SetCriterion.forward
+
+    def encode(images, *args, **kwargs):
+        crops.append(images.detach().clone())
+        return real_encode(images, *args, **kwargs)
+
+    def criterion(self, outputs, t):
+        targets.extend(t)
+        return real_criterion(self, outputs, t)
+
+    monkeypatch.setattr(model, "encode_for_parts", encode)
+    monkeypatch.setattr(SetCriterion, "forward", criterion)
+    model([x])
+    normalised = (image.float() - 127.5) / 127.5
+    windows = {0: (-8, -13), 1: (12, 16)}
+    expected = {j: (_padded_slice(normalised, *windows[j], 64), _padded_slice(pm[parts], *windows[j], 64))
+                for j, parts in ((0, [0, 1]), (1, [2]))}
+    [batch] = crops
+    assert batch.shape == (2, 3, 64, 64) and len(targets) == 2
+    for crop, target in zip(batch, targets):
+        [j] = [j for j, (im, _) in expected.items() if torch.allclose(crop, im, atol=1e-5)]
+        assert torch.equal(target["masks"], expected[j][1]), j
+        assert target["labels"].tolist() == [0] * len(expected[j][1])
+
+
 def test_crop_training_needs_the_part_owners(tmp_path):
     model = _crop_model(tmp_path)
     x = _input()

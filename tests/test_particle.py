@@ -14,7 +14,7 @@ from part_distill.data.parts_world import WorldSettings
 from part_distill.engine.setup import build_cfg
 from part_distill.mining.features import BackboneFeatures
 from part_distill.particle import stage as stage_mod
-from part_distill.particle.augment import ParticleAugment, ViewParams, apply_view
+from part_distill.particle.augment import ParticleAugment, ViewParams, apply_view, sample_view
 from part_distill.particle.losses import mask_pool, neighbor_positives, part_contrastive_loss, selfpatch_loss
 from part_distill.particle.momentum import ema_update_, make_target
 
@@ -135,9 +135,21 @@ def test_augment_is_seeded_and_upsamples_coarse_labels():
     b = aug(rng_img, grid, np.random.default_rng(7))
     for (xa, la), (xb, lb) in zip(a, b):
         assert torch.equal(xa, xb) and torch.equal(la, lb)
-    # Labels of a view come from the 8x8-pixel cells of the grid (nearest upsampling, then crop).
-    full = grid.repeat_interleave(8, 0).repeat_interleave(8, 1)
-    assert set(a[0][1].unique().tolist()) <= set(full.unique().tolist())
+    # Brute force: replay the two views' parameters, then pixel (i, j) of a view shows grid cell
+    # ((top + floor(i h / S)) // 8, (left + floor(j' w / S)) // 8), j' mirrored when the view is flipped
+    # (the 4x4 grid covers the 32x32 image in 8x8-pixel cells; nearest neighbour takes floor(dst * in / out)).
+    rng = np.random.default_rng(7)
+    params = [sample_view(rng, 32, 32, v, (0.3, 1.0)) for v in (0, 1)]
+    assert [p.flip for p in params] == [True, False] and all(p.crop[2:] != (32, 32) for p in params)
+    size = 16
+    for (_, lab), p in zip(a, params):
+        top, left, h, w = p.crop
+        expected = torch.empty(size, size, dtype=torch.int64)
+        for i in range(size):
+            for j in range(size):
+                jj = size - 1 - j if p.flip else j
+                expected[i, j] = grid[(top + i * h // size) // 8, (left + jj * w // size) // 8]
+        assert torch.equal(lab, expected), p
 
 
 # ---------------------------------------------------------------- the stage
@@ -150,19 +162,11 @@ def _cfg(out_dir, *opts):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("ds"))
-    old = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = root
-    register_parts_world(SETTINGS)
+def world(tmp_path_factory, tiny_world_factory):
+    root = tiny_world_factory(SETTINGS)
     out = tmp_path_factory.mktemp("particle") / "full"
     res = stage_mod.run_particle(_cfg(out))
     yield {"root": root, "out": out, "res": res, "tmp": tmp_path_factory}
-    if old is None:
-        os.environ.pop("DETECTRON2_DATASETS", None)
-    else:
-        os.environ["DETECTRON2_DATASETS"] = old
-    register_parts_world()
 
 
 def _weights(path):

@@ -62,11 +62,13 @@ def test_demo_steps_chain_through_files():
     assert names.index("instance_teacher") < names.index("mine_val_pred") < names.index("eval_mined_pred")
 
 
-def test_report_collects_stage_metrics_and_updates_readme(tmp_path):
+def test_report_collects_stage_metrics_and_updates_readme(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     (out / "eval" / "mined").mkdir(parents=True)
+    mined_ar = {"AR@1-gtobj_union": 2.0, "AR@10-gtobj_union": 8.0, "AR@50-gtobj_union": 14.0,
+                "AR@100-gtobj_union": 17.0, "AR@200-gtobj_union": 20.0}
     (out / "eval" / "mined" / "eval_results.json").write_text(json.dumps(
-        {"parts_ar": {"AR@200": 12.5, "AR@200-gtobj_union": 20.0}, "parts_nmi_ari": {"NMI": 30.0, "ARI": 10.0}}))
+        {"parts_ar": {"AR@200": 12.5, **mined_ar}, "parts_nmi_ari": {"NMI": 30.0, "ARI": 10.0}}))
     (out / "self_train" / "round_0").mkdir(parents=True)
     (out / "self_train" / "round_0" / "round.json").write_text(json.dumps(
         {"eval": {"parts_ar": {"AR@200": 40.0}, "parts_miou": {"mIoU": 33.3}, "fit": {"mean_best_iou": 0.714}},
@@ -81,6 +83,15 @@ def test_report_collects_stage_metrics_and_updates_readme(tmp_path):
     assert "mIoU" not in rows["self-training round 1"] and rows["self-training round 1"]["AR@200"] == 40.0
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- demo-results:start -->\nold\n<!-- demo-results:end -->\noutro\n")
+    import matplotlib.axes
+
+    drawn, real_plot = {}, matplotlib.axes.Axes.plot
+
+    def record(self, x, y, *args, label=None, **kwargs):
+        drawn[label] = (list(x), list(y))
+        return real_plot(self, x, y, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", record)
     text = write_demo_report(str(out), {"a": "skipped", "b": 3.0}, readme=str(readme))
     assert "steps (as last run, timings.json): b 3s" in text
     assert "| mined parts only (no learning) | 7.5 | 5.0 | 20.0 | n/a | 30.0 | 10.0 |" in text
@@ -89,7 +100,17 @@ def test_report_collects_stage_metrics_and_updates_readme(tmp_path):
     assert "| self-training round 1 | n/a | n/a | n/a | n/a | n/a | n/a | 0.71 | 26.2 |" in text
     new = readme.read_text()
     assert new.startswith("intro\n") and new.endswith("outro\n") and "old" not in new and "| 26.2 |" in new
-    assert (out / "report.html").exists() and (out / "ar_vs_k.png").exists()
+    # AR-vs-k draws the one row with AR at every k (the others lack some k), and the report shows it with
+    # the table's rows as cells
+    assert drawn == {"mined parts only (no learning)": ([1, 10, 50, 100, 200], [2.0, 8.0, 14.0, 17.0, 20.0])}
+    from PIL import Image
+
+    with Image.open(out / "ar_vs_k.png") as im:
+        assert im.format == "PNG" and im.size == (550, 350)
+    report = (out / "report.html").read_text()
+    assert "<td>mined parts only (no learning)</td><td>7.5</td><td>5.0</td><td>20.0</td><td>n/a</td>" in report
+    assert "<td>self-training round 1</td>" in report and "<img src='ar_vs_k.png'>" in report
+    assert "contact_sheet.png" not in report  # a figure is linked only when it exists
     assert not update_readme(str(tmp_path / "missing.md"), "x")
 
 

@@ -9,7 +9,6 @@ from sklearn.metrics import average_precision_score
 
 import part_distill  # noqa: F401  (registers datasets and backbones)
 from detectron2.data import DatasetCatalog
-from part_distill.data.datasets.parts_world import register_parts_world
 from part_distill.data.parts_world import WorldSettings
 from part_distill.engine.setup import build_cfg
 from part_distill.evaluation.average_recall import PartAREvaluator
@@ -145,17 +144,9 @@ def test_merge_rows_replaces_same_label_and_appends_new():
 
 # ---------------------------------------------------------------- on a tiny registered world
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("ds"))
-    old = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = root
-    register_parts_world(SETTINGS)
+def world(tmp_path_factory, tiny_world_factory):
+    tiny_world_factory(SETTINGS)
     yield tmp_path_factory
-    if old is None:
-        os.environ.pop("DETECTRON2_DATASETS", None)
-    else:
-        os.environ["DETECTRON2_DATASETS"] = old
-    register_parts_world()
 
 
 def test_grouping_probe_ar_equals_part_ar_evaluator(world):

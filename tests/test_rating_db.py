@@ -4,11 +4,12 @@ import itertools
 import sqlite3
 import threading
 
+import matplotlib.axes
 import numpy as np
 import pytest
 
 from part_distill.rating import cli
-from part_distill.rating.curve import RATING_LEVELS, precision_curve
+from part_distill.rating.curve import RATING_LEVELS, plot_precision_curve, precision_curve
 from part_distill.rating.db import RatingDB, next_unrated, parse_rating, validate_rater
 from part_distill.rating.server import Method, rating_queue
 
@@ -133,17 +134,53 @@ def test_precision_curve_equals_direct_computation(tmp_path):
         assert prec[0] == 1.0  # every rating is >= 3
 
 
+def _hand_ratings(db):
+    """m1: a = mean(4, 7) = 5.5, b = 9, c = mean(3, 3) = 3, d = 8 (its rater changed 6 to 8); m2: a = 5."""
+    for rater, method, collage, rating in [("r1", "m1", "a", 4), ("r2", "m1", "a", 7), ("r1", "m1", "b", 9),
+                                           ("r1", "m1", "c", 3), ("r2", "m1", "c", 3), ("r2", "m1", "d", 6),
+                                           ("r2", "m1", "d", 8), ("r1", "m2", "a", 5)]:
+        db.rate(rater, method, collage, rating)
+
+
+# Fraction of the collages with mean rating >= r, r = 3..9, counted by hand from _hand_ratings.
+HAND_CURVES = {"m1": [1.0, 0.75, 0.75, 0.5, 0.5, 0.5, 0.25], "m2": [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]}
+
+
+def test_precision_curve_and_its_plot_equal_hand_count(tmp_path, monkeypatch):
+    db = RatingDB(tmp_path / "r.sqlite")
+    _hand_ratings(db)
+    curves = precision_curve(db.rows())
+    assert {m: (list(levels), list(prec), n) for m, (levels, prec, n) in curves.items()} == {
+        "m1": (list(range(3, 10)), HAND_CURVES["m1"], 4), "m2": (list(range(3, 10)), HAND_CURVES["m2"], 1)}
+    drawn = {}
+    real_plot = matplotlib.axes.Axes.plot
+
+    def record(self, x, y, *args, label=None, **kwargs):
+        drawn[label] = (list(x), list(y))
+        return real_plot(self, x, y, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", record)
+    plot_precision_curve(db.rows(), tmp_path / "c.png")
+    assert drawn == {"m1 (4 parts)": (list(range(3, 10)), HAND_CURVES["m1"]),
+                     "m2 (1 parts)": (list(range(3, 10)), HAND_CURVES["m2"])}
+
+
 def test_cli_export_and_curve(tmp_path, capsys):
     db = RatingDB(tmp_path / "r.sqlite")
-    expected = _random_ratings(db, seed=5)
+    _hand_ratings(db)
     assert cli.main(["export", "--db", str(tmp_path / "r.sqlite"), "--csv", str(tmp_path / "o.csv")]) == 0
-    with open(tmp_path / "o.csv") as f:
-        assert len(f.read().splitlines()) == len(expected) + 1
+    with open(tmp_path / "o.csv", newline="") as f:
+        rows = {(r["rater"], r["method"], r["collage"]): r["rating"] for r in csv.DictReader(f)}
+    assert rows == {("r1", "m1", "a"): "4", ("r2", "m1", "a"): "7", ("r1", "m1", "b"): "9", ("r1", "m1", "c"): "3",
+                    ("r2", "m1", "c"): "3", ("r2", "m1", "d"): "8", ("r1", "m2", "a"): "5"}
     assert cli.main(["curve", "--db", str(tmp_path / "r.sqlite"), "--png", str(tmp_path / "c.png")]) == 0
     png = (tmp_path / "c.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
-    out = capsys.readouterr().out
-    m1 = precision_curve(db.rows())["m1"][1]
-    assert f">=9: {m1[-1]:.3f}" in out.splitlines()[0] or f">=9: {m1[-1]:.3f}" in out
+    out = capsys.readouterr().out.splitlines()
+    assert out[-3:] == ["m1 (4 collages): >=3: 1.000  >=4: 0.750  >=5: 0.750  >=6: 0.500  >=7: 0.500  >=8: 0.500  "
+                        ">=9: 0.250",
+                        "m2 (1 collages): >=3: 1.000  >=4: 1.000  >=5: 1.000  >=6: 0.000  >=7: 0.000  >=8: 0.000  "
+                        ">=9: 0.000",
+                        f"wrote {tmp_path / 'c.png'}"]
     with pytest.raises(SystemExit, match="no ratings database"):
         cli.main(["export", "--db", str(tmp_path / "missing.sqlite"), "--csv", str(tmp_path / "x.csv")])

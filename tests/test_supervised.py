@@ -9,6 +9,7 @@ from fvcore.common.checkpoint import _IncompatibleKeys
 
 import part_distill  # noqa: F401  (registers datasets and models)
 from detectron2.data import DatasetCatalog
+from detectron2.utils.env import seed_all_rng
 from part_distill.data.parts_world import WorldSettings
 from part_distill.engine.few_shot_table import build_few_shot_steps, few_shot_markdown, write_few_shot_table
 from part_distill.engine.setup import build_cfg
@@ -20,6 +21,7 @@ from part_distill.evaluation.synthetic import synthetic_parts_dataset, synthetic
 from part_distill.modeling.criterion import SetCriterion
 from part_distill.utils.masks import decode_rle
 from test_eval_nmi_ari import _evaluate, brute_pixel_labels
+from test_self_training import tiny_cfg as self_training_tiny_cfg
 
 SETTINGS = WorldSettings(num_train=4, num_val=2, image_size=64, max_objects=2)
 NUM_PARTS = 14  # part categories of the parts world
@@ -73,27 +75,16 @@ def world(tmp_path_factory, tiny_world_factory):
 
 
 def tiny_cfg(out_dir, *opts):
-    # Identity augmentation (scale 1, no flip, crop = image): targets are the GT part masks themselves.
-    return build_cfg("", [
-        "PART_DISTILL.STAGE", "supervised", "MODEL.DEVICE", "cpu", "MODEL.META_ARCHITECTURE", "SupervisedPartModel",
-        "MODEL.BACKBONE.NAME", "build_efficientnet_lite_backbone", "MODEL.EFFICIENTNET.PRETRAINED", "False",
-        "MODEL.EFFICIENTNET.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", "0",
-        "MODEL.PIXEL_MEAN", "[127.5, 127.5, 127.5]", "MODEL.PIXEL_STD", "[127.5, 127.5, 127.5]",
-        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "7", "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME", "FPNPixelDecoder",
-        "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32", "MODEL.SEM_SEG_HEAD.MASK_DIM", "32",
-        "MODEL.MASK_FORMER.HIDDEN_DIM", "32", "MODEL.MASK_FORMER.NHEADS", "2",
-        "MODEL.MASK_FORMER.DIM_FEEDFORWARD", "64", "MODEL.MASK_FORMER.DEC_LAYERS", "2",
-        "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "5", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "64",
-        "MODEL.PART_DISTILL.NUM_PART_QUERIES", "8", "MODEL.PART_DISTILL.CLUSTERS_PER_CLASS", "3",
-        "MODEL.PART_DISTILL.NUM_PART_CLASSES", str(NUM_PARTS), "MODEL.PART_DISTILL.OBJECTS", "gt",
-        "INPUT.FORMAT", "RGB", "INPUT.IMAGE_SIZE", "64", "INPUT.MIN_SCALE", "1.0", "INPUT.MAX_SCALE", "1.0",
-        "INPUT.RANDOM_FLIP", "none", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-        "INPUT.DATASET_MAPPER_NAME", "PartTargetLSJMapper", "INPUT.PART_CLASS_KEY", "category_id",
-        "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "100",
-        "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0", "TEST.EVAL_PERIOD", "0",
-        "DATASETS.TRAIN", '("parts_world_train_parts",)', "DATASETS.TEST", '("parts_world_val_parts",)',
-        "TEST.PARTS.EVALUATORS", '["PartMIoUEvaluator"]', "TEST.PARTS.ASSOCIATION", "identity",
-        "SEED", "0", "OUTPUT_DIR", str(out_dir), *opts])
+    # test_self_training's tiny model as a supervised part model on part categories, with identity
+    # augmentation (scale 1, no flip, crop = image): targets are the GT part masks themselves.
+    return self_training_tiny_cfg(
+        out_dir, "PART_DISTILL.STAGE", "supervised", "MODEL.META_ARCHITECTURE", "SupervisedPartModel",
+        "MODEL.PART_DISTILL.CLUSTERS_PER_CLASS", "3", "MODEL.PART_DISTILL.NUM_PART_CLASSES", str(NUM_PARTS),
+        "MODEL.PART_DISTILL.OBJECTS", "gt", "INPUT.MIN_SCALE", "1.0", "INPUT.MAX_SCALE", "1.0",
+        "INPUT.RANDOM_FLIP", "none", "INPUT.PART_CLASS_KEY", "category_id", "SOLVER.CHECKPOINT_PERIOD", "100",
+        "SOLVER.WARMUP_ITERS", "0", "DATASETS.TRAIN", '("parts_world_train_parts",)',
+        "DATASETS.TEST", '("parts_world_val_parts",)', "TEST.PARTS.EVALUATORS", '["PartMIoUEvaluator"]',
+        "TEST.PARTS.ASSOCIATION", "identity", "SOLVER.BASE_LR", "0.001", *opts)
 
 
 def _gt_parts_by_image():
@@ -155,6 +146,35 @@ def test_run_supervised_trains_on_part_categories_and_reinitialises_only_the_cla
     seen.clear()
     again = run_supervised(cfg, resume=True)
     assert again["supervised"]["resumed"] and seen == []
+
+
+def _supervised_losses(out_dir, lr, monkeypatch, iters=40):
+    """Last-layer class + mask + dice loss of every training iteration of a from-scratch supervised run."""
+    seen = []
+    original = SetCriterion.forward
+
+    def recording(self, outputs, targets):
+        losses = original(self, outputs, targets)
+        seen.append(float(sum(losses[k] for k in ("loss_ce", "loss_mask", "loss_dice"))))
+        return losses
+
+    monkeypatch.setattr(SetCriterion, "forward", recording)
+    seed_all_rng(0)  # the model's initialisation and the sampler's image order
+    run_supervised(tiny_cfg(out_dir, "MODEL.WEIGHTS", "", "SOLVER.MAX_ITER", str(iters), "SOLVER.BASE_LR", str(lr)),
+                   resume=False)
+    monkeypatch.undo()
+    assert len(seen) == iters
+    return seen
+
+
+def test_supervised_stage_fits_the_part_labels_and_lr0_does_not(world, monkeypatch):
+    # Same seed, same batches: only the learning rate differs. With identity augmentation the 4 images
+    # recur every 2 iterations, so the last 10 iterations' loss measures the fit to their part labels.
+    learned = _supervised_losses(world / "fit_lr", 1e-3, monkeypatch)
+    control = _supervised_losses(world / "fit_lr0", 0.0, monkeypatch)
+    assert learned[0] == pytest.approx(control[0], rel=1e-5)  # the same start
+    assert np.mean(learned[-10:]) < 0.75 * np.mean(control[-10:]), (learned[-10:], control[-10:])
+    assert np.mean(control[-10:]) > 0.9 * np.mean(control[:10])  # without steps the fit does not move
 
 
 def test_teacher_init_and_bad_configs(world):
