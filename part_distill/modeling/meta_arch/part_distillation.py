@@ -14,6 +14,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch.nn import functional as F
 
+from ...config import num_object_classes
 from ..criterion import SetCriterion
 from ..object_crops import OUTSIDE_LOGIT, CropSettings, crop_regions, mask_boxes, paste_regions
 from ..part_mask_adapter import build_part_mask_adapter
@@ -131,7 +132,7 @@ class PartDistillationModel(InstanceSegmentor):
         ret["part_mask_adapter"] = build_part_mask_adapter(cfg, ret["backbone"].output_shape())
         if pd.FREEZE == "part_branch":
             ret["part_pixel_decoder"] = build_pixel_decoder(cfg, ret["backbone"].output_shape())
-        ret["ranker"] = PartRanker(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, pd.CLUSTERS_PER_CLASS,
+        ret["ranker"] = PartRanker(num_object_classes(cfg), pd.CLUSTERS_PER_CLASS,
                                    cfg.MODEL.MASK_FORMER.HIDDEN_DIM)
         ret.update(
             freeze=pd.FREEZE,
