@@ -89,6 +89,9 @@ class PartAREvaluator(PartEvaluatorBase):
     """AR@k (in %) of class-agnostic part proposals for every (mode, restriction) variant."""
 
     needs_part_maps = False
+    # Result key and table name (PartARReferenceEvaluator reuses _compute under its own).
+    task = "parts_ar"
+    notes = "IoU .50:.05:.95, class-agnostic, one-to-one greedy matching as COCOeval."
 
     @configurable
     def __init__(self, dataset_name=None, *, ks=(1, 10, 50, 100, 200), modes=("overlap",),
@@ -145,7 +148,6 @@ class PartAREvaluator(PartEvaluatorBase):
             rows.append([mode, restriction, *(float(v) for v in recall)])
         results["num_images"] = float(len(records))
         results["num_gt_parts"] = float(num_gt)
-        write_tables(self._output_dir, "parts_ar", ["mode", "restrict_to_gt_object", *(f"AR@{k}" for k in self._ks)],
-                     rows, [f"{len(records)} images, {num_gt} GT parts; IoU .50:.05:.95, class-agnostic, "
-                            "one-to-one greedy matching as COCOeval."])
-        return OrderedDict(parts_ar=results)
+        write_tables(self._output_dir, self.task, ["mode", "restrict_to_gt_object", *(f"AR@{k}" for k in self._ks)],
+                     rows, [f"{len(records)} images, {num_gt} GT parts; {self.notes}"])
+        return OrderedDict([(self.task, results)])
