@@ -55,7 +55,7 @@ def _add_data_config(cfg):
 
     # -- unlabeled image collection with detector objects (data/datasets/image_collection.py, docs/formats.md)
     cfg.DATASETS.IMAGE_COLLECTION = CN()
-    # DatasetCatalog name registered at setup from the keys below ("" = none); relative paths are under $DETECTRON2_DATASETS.
+    # DatasetCatalog name build_cfg registers from the keys below ("" = none); relative paths: $DETECTRON2_DATASETS.
     cfg.DATASETS.IMAGE_COLLECTION.NAME = ""
     # Image folder (ImageNet layout: one sub-folder per wnid), also the root of IMAGES_JSON's file names.
     cfg.DATASETS.IMAGE_COLLECTION.IMAGE_ROOT = ""
@@ -232,9 +232,9 @@ def _add_model_config(cfg):
     cfg.MODEL.PART_DISTILL.NUM_PART_QUERIES = 200
     # Prediction rounds of D^p incl. the raw queries (as MASK_FORMER.DEC_LAYERS); 0 = same as the instance decoder.
     cfg.MODEL.PART_DISTILL.PART_DEC_LAYERS = 0
-    # Part classes of D^p: 1 ("part") in stages 2-3; NUM_OBJECT_CLASSES x CLUSTERS_PER_CLASS in stage 4; -1 = derived (docs/configs.md).
+    # Part classes of D^p: 1 ("part") in stages 2-3; NUM_OBJECT_CLASSES x CLUSTERS_PER_CLASS in stage 4; -1 = derived.
     cfg.MODEL.PART_DISTILL.NUM_PART_CLASSES = 1
-    # Object classes of the ranker and the stage-4 slot head: 0 = SEM_SEG_HEAD.NUM_CLASSES; -1 = from metadata (docs/configs.md).
+    # Object classes of the ranker / stage-4 slot head: 0 = SEM_SEG_HEAD.NUM_CLASSES; -1 = from metadata.
     cfg.MODEL.PART_DISTILL.NUM_OBJECT_CLASSES = 0
     # Cluster slots per object class of the stage-4 head (paper Sec 4.3: k=8).
     cfg.MODEL.PART_DISTILL.CLUSTERS_PER_CLASS = 8
@@ -465,7 +465,7 @@ def _add_eval_config(cfg):
     cfg.TEST.PARTS.MATCH_SPLIT_FRACTION = 0.5
     # Salt of the image-id hash that draws the match split.
     cfg.TEST.PARTS.MATCH_SPLIT_SEED = 0
-    # PartARReferenceEvaluator (the reference's AR, docs/evaluation.md): proposals whose best IoU with every GT part is <= this are dropped first.
+    # PartARReferenceEvaluator (docs/evaluation.md): proposals with best GT-part IoU <= this are dropped first.
     cfg.TEST.PARTS.REFERENCE_AR_MIN_IOU = 0.001
     # PartARReferenceEvaluator: merge the GT parts of one class within an object into one GT part.
     cfg.TEST.PARTS.REFERENCE_AR_MERGE_SAME_CLASS = True

@@ -31,7 +31,8 @@ def metadata_classes(names, key, what):
         if classes is None:
             raise ValueError(f"{what} is -1 (from metadata) but dataset {name!r} has no metadata {key!r}")
         if found is not None and list(classes) != found[1]:
-            raise ValueError(f"{what} is -1 (from metadata) but datasets {found[0]!r} and {name!r} have different {key}")
+            raise ValueError(f"{what} is -1 (from metadata) but datasets {found[0]!r} and {name!r} "
+                             f"have different {key}")
         found = found or (name, list(classes))
     return found[1]
 

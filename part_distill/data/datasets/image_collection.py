@@ -151,22 +151,25 @@ class _Matcher:
         return pos
 
 
-def _select_rows(indices, positions, score_thresh, topn):
-    """(file, row) of the kept rows, grouped by image in image order, best score first."""
-    file_no = np.concatenate([np.full(len(p), f, dtype=np.int64) for f, p in enumerate(positions)])
-    row_no = np.concatenate([np.arange(len(p), dtype=np.int64) for p in positions])
-    image = np.concatenate(positions)
-    score = np.concatenate([ix["score"] for ix in indices])
-    keep = (image >= 0) & (score >= score_thresh)
-    file_no, row_no, image, score = file_no[keep], row_no[keep], image[keep], score[keep]
+def _candidate_rows(index, positions, score_thresh):
+    """Compact arrays (row, image, score, offset, length) of one file's rows that match an image and
+    pass the threshold: all that is kept of its index."""
+    rows = np.nonzero((positions >= 0) & (index["score"] >= score_thresh))[0]
+    return rows, positions[rows], index["score"][rows], index["offset"][rows], index["length"][rows]
+
+
+def _select_rows(candidates, topn):
+    """``(file, image, offset, length)`` arrays of the kept rows, grouped by image in image order, best
+    score first (ties: file, then row order), at most ``topn`` per image."""
+    file_no = np.concatenate([np.full(len(c[0]), f, dtype=np.int64) for f, c in enumerate(candidates)])
+    row_no, image, score, offset, length = (np.concatenate([c[j] for c in candidates]) for j in range(5))
     order = np.lexsort((row_no, file_no, -score, image))
-    file_no, row_no, image = file_no[order], row_no[order], image[order]
-    if topn > 0 and len(image):
-        starts = np.r_[0, np.nonzero(np.diff(image))[0] + 1]
-        rank = np.arange(len(image)) - np.repeat(starts, np.diff(np.r_[starts, len(image)]))
-        sel = rank < topn
-        file_no, row_no, image = file_no[sel], row_no[sel], image[sel]
-    return file_no, row_no, image
+    if topn > 0 and len(order):
+        img = image[order]
+        starts = np.r_[0, np.nonzero(np.diff(img))[0] + 1]
+        rank = np.arange(len(img)) - np.repeat(starts, np.diff(np.r_[starts, len(img)]))
+        order = order[rank < topn]
+    return file_no[order], image[order], offset[order], length[order]
 
 
 def _compressed(segmentation, where):
@@ -177,7 +180,8 @@ def _compressed(segmentation, where):
     if isinstance(counts, list):
         rle = mask_util.frPyObjects(segmentation, *segmentation["size"])
     else:
-        rle = {"size": list(segmentation["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        rle = {"size": list(segmentation["size"]),
+               "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
     return rle
 
 
@@ -195,23 +199,29 @@ def build_image_collection(image_root, results, vocabulary, *, images_json="", s
     _, category_map = load_vocabulary(vocabulary)
     files = expand_result_files(results)
     matcher = _Matcher(images, image_root)
-    indices = [load_results_index(f) for f in files]
-    positions = [matcher.rows(ix) for ix in indices]
-    file_no, row_no, image = _select_rows(indices, positions, score_thresh, topn)
+    counts = {"images": len(images), "result_rows": 0, "result_rows_unmatched": 0, "objects_empty_mask": 0,
+              "images_without_objects": 0}
+    candidates = []
+    for path in files:
+        # One file's index at a time; only its candidate rows (matched, above threshold) are kept.
+        index = load_results_index(path)
+        positions = matcher.rows(index)
+        counts["result_rows"] += len(positions)
+        counts["result_rows_unmatched"] += int((positions < 0).sum())
+        candidates.append(_candidate_rows(index, positions, score_thresh))
+        del index, positions
+    file_no, image, offset, length = _select_rows(candidates, topn)
+    del candidates
 
-    objects = [[] for _ in images]
+    objects = {}  # image position -> [(selection order, row, file)]
     for f, path in enumerate(files):
         sel = np.nonzero(file_no == f)[0]
-        rows = read_rows(path, indices[f]["offset"][row_no[sel]], indices[f]["length"][row_no[sel]])
-        for s, row in zip(sel, rows):
-            objects[image[s]].append((s, row, path))
-    counts = {"images": len(images), "result_rows": int(sum(len(p) for p in positions)),
-              "result_rows_unmatched": int(sum((p < 0).sum() for p in positions)),
-              "objects_empty_mask": 0, "images_without_objects": 0}
+        for s, row in zip(sel, read_rows(path, offset[sel], length[sel])):
+            objects.setdefault(int(image[s]), []).append((s, row, path))
     dicts = []
     for pos, (image_id, name, height, width) in enumerate(images):
         anns, size = [], None
-        for s, row, path in sorted(objects[pos], key=lambda t: t[0]):
+        for s, row, path in sorted(objects.pop(pos, ()), key=lambda t: t[0]):
             where = f"{path} (image {name})"
             raw = int(row["category_id"])
             if raw not in category_map:
