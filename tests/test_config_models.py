@@ -41,12 +41,8 @@ def vocab(tmp_path_factory):
 
 
 def _build(rel, vocab):
-    path = os.path.join(CONFIG_DIR, rel)
-    probe = build_cfg(path, ["DATASETS.IMAGE_COLLECTION.NAME", ""] + TINY, freeze=False)
-    opts = list(TINY)
-    if probe.DATASETS.IMAGE_COLLECTION.NAME or "imagenet" in rel:
-        opts = ["DATASETS.IMAGE_COLLECTION.VOCABULARY", vocab] + opts
-    cfg = build_cfg(path, opts)
+    # A config naming an image collection registers it with this vocabulary (no-op for the others).
+    cfg = build_cfg(os.path.join(CONFIG_DIR, rel), ["DATASETS.IMAGE_COLLECTION.VOCABULARY", vocab] + TINY)
     if cfg.MODEL.META_ARCHITECTURE in MODEL_ARCHS:
         return cfg, build_model(cfg)
     if cfg.PART_DISTILL.STAGE == "particle":
@@ -83,6 +79,29 @@ def test_imagenet_configs_start_with_their_command():
 
 
 def test_sentinel_without_metadata_names_the_key():
-    with pytest.raises(ValueError, match="NUM_OBJECT_CLASSES.*'thing_classes'|NUM_OBJECT_CLASSES.*names no dataset"):
+    with pytest.raises(ValueError, match="NUM_OBJECT_CLASSES is -1 .* names no dataset"):
         build_cfg("", ["PART_DISTILL.STAGE", "ranking", "MODEL.PART_DISTILL.NUM_OBJECT_CLASSES", "-1",
                        "PART_DISTILL.SELF_TRAIN.DATASETS", "()"])
+    with pytest.raises(ValueError, match="NUM_PART_CLASSES is -1 .* 'no_such_dataset' is not registered"):
+        build_cfg("", ["PART_DISTILL.STAGE", "supervised", "MODEL.PART_DISTILL.NUM_PART_CLASSES", "-1",
+                       "DATASETS.TRAIN", '("no_such_dataset",)'])
+
+
+def test_sentinels_filled_from_metadata():
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    DatasetCatalog.pop("sentinel_parts", None)
+    MetadataCatalog.pop("sentinel_parts", None)
+    DatasetCatalog.register("sentinel_parts", lambda: [])
+    MetadataCatalog.get("sentinel_parts").set(thing_classes=["a", "b"], part_classes=["p", "q", "r", "s", "t"])
+    common = ["DATASETS.TRAIN", '("sentinel_parts",)', "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "-1",
+              "MODEL.PART_DISTILL.NUM_PART_CLASSES", "-1"]
+    cfg = build_cfg("", ["PART_DISTILL.STAGE", "supervised", *common])
+    assert (cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, cfg.MODEL.PART_DISTILL.NUM_PART_CLASSES) == (2, 5)
+    cfg = build_cfg("", ["PART_DISTILL.STAGE", "distill", "PART_DISTILL.SELF_TRAIN.DATASETS", '("sentinel_parts",)',
+                         "MODEL.PART_DISTILL.NUM_OBJECT_CLASSES", "-1", "MODEL.PART_DISTILL.CLUSTERS_PER_CLASS", "3",
+                         *common])
+    assert (cfg.MODEL.PART_DISTILL.NUM_OBJECT_CLASSES, cfg.MODEL.PART_DISTILL.NUM_PART_CLASSES) == (2, 6)
+    # 0 keeps the teacher's classes (SEM_SEG_HEAD.NUM_CLASSES) for the slot head.
+    cfg = build_cfg("", ["PART_DISTILL.STAGE", "distill", "MODEL.PART_DISTILL.CLUSTERS_PER_CLASS", "3", *common])
+    assert cfg.MODEL.PART_DISTILL.NUM_PART_CLASSES == 6

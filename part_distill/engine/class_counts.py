@@ -24,8 +24,9 @@ def metadata_classes(names, key, what):
         raise ValueError(f"{what} is -1 (from metadata) but names no dataset")
     found = None
     for name in names:
-        meta = MetadataCatalog.get(name)
-        if not hasattr(meta, key):
+        if name not in DatasetCatalog.list():
+            raise ValueError(f"{what} is -1 (from metadata) but dataset {name!r} is not registered")
+        if not hasattr(MetadataCatalog.get(name), key):
             DatasetCatalog.get(name)
         classes = getattr(MetadataCatalog.get(name), key, None)
         if classes is None:

@@ -271,8 +271,11 @@ def register_image_collection(name, image_root, results, vocabulary, *, images_j
     DatasetCatalog.pop(name, None)
     MetadataCatalog.pop(name, None)
     DatasetCatalog.register(name, load)
+    # What determines the dicts, for manifests and fingerprints of the stages that read them.
+    source = {"image_root": image_root, "images_json": images_json, "object_results": results,
+              "vocabulary": vocabulary, "score_thresh": score_thresh, "topn": topn}
     MetadataCatalog.get(name).set(thing_classes=thing_classes, thing_dataset_id_to_contiguous_id=category_map,
-                                  image_root=image_root, object_results=results)
+                                  image_collection=source)
 
 
 def _under_root(path):
