@@ -84,6 +84,29 @@ def test_reference_without_merging_only_drops_and_matches():
     assert _ar(res, "parts_ar_reference") == pytest.approx([100 / 30, 1100 / 30, 2100 / 30, 2100 / 30])
 
 
+def test_image_without_surviving_proposals_is_left_out():
+    # A second image whose only proposal touches none of its GT parts: ours counts its part (4 GT:
+    # AR@4 = (3 + 18)/40), the reference drops the proposal and then ignores the image.
+    dicts, meta = _dataset()
+    other = _m((0, 2), (0, 2))
+    dicts.append({"image_id": 2, "height": H, "width": W, "file_name": "y.png", "annotations": [
+        {"category_id": 0, "segmentation": encode_rle(OBJ), "iscrowd": 0, "id": 2,
+         "parts": [{"category_id": 0, "segmentation": encode_rle(other), "id": 9}]}]})
+    stray = Instances((H, W))
+    stray.pred_masks = torch.from_numpy(_m((4, 6), (0, 8))[None])
+    stray.scores = torch.tensor([0.5])
+    for f in ("pred_clusters", "object_index", "object_classes"):
+        stray.set(f, torch.zeros(1, dtype=torch.long))
+    results = {}
+    for cls in (PartAREvaluator, PartARReferenceEvaluator):
+        ev = cls(dataset_dicts=dicts, metadata=meta, distributed=False, ks=KS)
+        ev.reset()
+        ev.process([{"image_id": 1}, {"image_id": 2}], [_output(), {"parts": stray}])
+        results.update(ev.evaluate())
+    assert _ar(results, "parts_ar") == pytest.approx([100 / 40, 100 / 40, 1100 / 40, 2100 / 40])
+    assert _ar(results, "parts_ar_reference") == pytest.approx([50.0, 100.0, 100.0, 100.0])
+
+
 def test_drop_threshold_is_configurable():
     # Unmerged GT, drop at 0.6: p1 (best IoU 0.5) goes too; kept p3 (B), p4 (A1). AR@1: 1 of 3 GT at every
     # t; AR@2..4: 2 of 3.

@@ -135,6 +135,10 @@ class PartAREvaluator(PartEvaluatorBase):
             counts[(mode, restriction)] = (ranks[:, :, None] < ks[None, None, :]).sum(axis=1)
         return {"num_gt": gt.num_parts, "counts": counts}
 
+    def _denominator(self, records, variant):
+        """GT parts that a variant's recall divides by (all of them here)."""
+        return sum(r["num_gt"] for r in records)
+
     def _compute(self, records):
         num_gt = sum(r["num_gt"] for r in records)
         results = OrderedDict()
@@ -142,7 +146,8 @@ class PartAREvaluator(PartEvaluatorBase):
         for mode, restriction in self._variants:
             matched = sum((r["counts"][(mode, restriction)] for r in records),
                           np.zeros((len(IOU_THRESHOLDS), len(self._ks)), dtype=np.int64))
-            recall = matched.mean(axis=0) / num_gt * 100 if num_gt else np.full(len(self._ks), np.nan)
+            denom = self._denominator(records, (mode, restriction))
+            recall = matched.mean(axis=0) / denom * 100 if denom else np.full(len(self._ks), np.nan)
             for k, value in zip(self._ks, recall):
                 results[variant_name(k, mode, restriction)] = float(value)
             rows.append([mode, restriction, *(float(v) for v in recall)])

@@ -12,7 +12,8 @@ Per image, for every (mode, restriction) variant of TEST.PARTS.AR_MODES x RESTRI
    IoU and removing both (detectron2's box-proposal recall, not COCOeval's score-ordered greedy); a GT
    part is recalled at threshold t when its recorded IoU is >= t.
 
-AR@k = mean over t in .50:.05:.95 of recalled / all GT parts, summed over images. The published
+AR@k = mean over t in .50:.05:.95 of recalled / GT parts, summed over images; as in the reference, an
+image with no proposal left (or no GT part) does not count its GT parts at all. The published
 numbers clip proposals to the union of GT objects: read the ``-gtobj_union`` (overlap) row.
 """
 import numpy as np
@@ -86,14 +87,19 @@ class PartARReferenceEvaluator(PartAREvaluator):
         assignment = None
         if any(r == "assigned" for _, r in self._variants):
             assignment = assign_to_objects(parts, gt.object_masks, self._assignment_rule)
-        counts = {}
+        counts, counted = {}, {}
         for mode, restriction in self._variants:
             masks = restrict(parts.masks, gt, assignment, restriction)
             if mode == "non_overlap":
                 masks = non_overlapping(masks)
             ious = _ious(masks, gt_rles, num_gt)
             kept = ious[ious.max(axis=1, initial=0.0) > self._min_iou] if num_gt else ious[:0]
+            # As the reference, an image left without proposals does not count its GT parts.
+            counted[(mode, restriction)] = num_gt if len(kept) else 0
             per_k = [max_overlap_matching(kept[:k]) for k in self._ks]
             counts[(mode, restriction)] = np.stack(
                 [(rec[None, :] >= IOU_THRESHOLDS[:, None]).sum(axis=1) for rec in per_k], axis=1)
-        return {"num_gt": num_gt, "counts": counts}
+        return {"num_gt": num_gt, "counts": counts, "num_gt_counted": counted}
+
+    def _denominator(self, records, variant):
+        return sum(r["num_gt_counted"][variant] for r in records)
