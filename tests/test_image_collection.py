@@ -202,3 +202,22 @@ def test_config_registration_and_mining(collection, tmp_path):
     register_image_collection("test_collection_again", collection["img_root"], collection["shards"],
                               collection["vocab"], score_thresh=0.95)
     assert DatasetCatalog.get("test_collection_again") == []
+
+
+def test_paper_mining_config_runs_on_the_collection(collection, tmp_path):
+    """configs/imagenet/mine_parts_R50.yaml as shipped (res3+res4, cosine k=4, dense CRF) on the collection,
+    at a tiny backbone and without weights; only paths and sizes are overridden."""
+    pytest.importorskip("pydensecrf")
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "imagenet", "mine_parts_R50.yaml")
+    cfg = build_cfg(path, [
+        "DATASETS.IMAGE_COLLECTION.IMAGE_ROOT", collection["img_root"],
+        "DATASETS.IMAGE_COLLECTION.OBJECTS", str(collection["shards"]),
+        "DATASETS.IMAGE_COLLECTION.VOCABULARY", collection["vocab"], "DATASETS.IMAGE_COLLECTION.TOPN", "2",
+        "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+        "MINING.IMAGE_SIZE", "96", "MINING.CRF.NUM_WORKERS", "0", "MINING.OUTPUT_DIR", str(tmp_path / "store")])
+    assert (cfg.MINING.NUM_CLUSTERS, cfg.MINING.METRIC, cfg.MINING.CRF.ENABLED) == (4, "cosine", True)
+    manifest = mine_parts(cfg)
+    counts = manifest["counts"]
+    assert (counts["images"], counts["instances"]) == (3, 5)
+    # k=4 per object unless k-means left a cluster empty or an instance was skipped (counted).
+    assert counts["parts"] + 4 * sum(counts["instances_skipped"].values()) >= 5 * 2
