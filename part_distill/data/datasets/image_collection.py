@@ -17,7 +17,8 @@ collection works with all of them unchanged. The rules (also in docs/formats.md)
   counted and logged.
 * **Objects per image**: rows with ``score >= score_thresh``, best first (ties: file, then row order),
   at most ``topn`` (0 = all); ``category_id`` mapped to the vocabulary's contiguous id; empty masks
-  dropped (counted). Images left without an object are skipped, counted and logged.
+  dropped (counted; the index holds no areas, so they still took their top-n slot). Images left
+  without an object are skipped, counted and logged.
 * **Vocabulary** (``thing_classes``): a COCO / LVIS json (its ``categories`` list, or the list itself,
   ``{id, name}``; contiguous ids by sorted ``id``), a json list of names, or a text file with one name
   per line; for a plain list, entry ``i`` is ``category_id i`` (how Detic numbers a custom vocabulary).
