@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
@@ -221,3 +222,55 @@ def test_paper_mining_config_runs_on_the_collection(collection, tmp_path):
     assert (counts["images"], counts["instances"]) == (3, 5)
     # k=4 per object unless k-means left a cluster empty or an instance was skipped (counted).
     assert counts["parts"] + 4 * sum(counts["instances_skipped"].values()) >= 5 * 2
+
+
+def test_paper_configs_chain_on_the_collection(collection, tmp_path):
+    """configs/imagenet/{mine_parts_R50, proposal, self_train, ranking, distill}.yaml in sequence on the
+    collection, each at a tiny model size for two iterations: every stage takes its objects from it."""
+    from part_distill.engine.stages import run_stage
+
+    cfg_dir = os.path.join(os.path.dirname(__file__), "..", "configs", "imagenet")
+    data = ["DATASETS.IMAGE_COLLECTION.IMAGE_ROOT", collection["img_root"],
+            "DATASETS.IMAGE_COLLECTION.OBJECTS", str(collection["shards"]),
+            "DATASETS.IMAGE_COLLECTION.VOCABULARY", collection["vocab"], "DATASETS.IMAGE_COLLECTION.TOPN", "2",
+            "MODEL.DEVICE", "cpu"]
+    mined = build_cfg(os.path.join(cfg_dir, "mine_parts_R50.yaml"), data + [
+        "MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+        "MINING.IMAGE_SIZE", "96", "MINING.CRF.NUM_WORKERS", "0", "MINING.OUTPUT_DIR", str(tmp_path / "mined")])
+    mine_parts(mined)
+    tiny = data + [
+        "MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.DEPTHS", "[1, 1, 1, 1]", "MODEL.SWIN.NUM_HEADS", "[1, 1, 1, 1]",
+        "MODEL.SWIN.WINDOW_SIZE", "4", "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32", "MODEL.SEM_SEG_HEAD.MASK_DIM", "32",
+        "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_DIM_FEEDFORWARD", "32",
+        "MODEL.MASK_FORMER.HIDDEN_DIM", "32", "MODEL.MASK_FORMER.NHEADS", "2", "MODEL.MASK_FORMER.DIM_FEEDFORWARD", "32",
+        "MODEL.MASK_FORMER.DEC_LAYERS", "2", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "4",
+        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "64", "MODEL.PART_DISTILL.NUM_PART_QUERIES", "6",
+        "MODEL.PART_DISTILL.PART_DEC_LAYERS", "2", "MODEL.PART_DISTILL.OBJECT_CROP.SIZE", "64",
+        "INPUT.IMAGE_SIZE", "64", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.AMP.ENABLED", "False",
+        "DATALOADER.NUM_WORKERS", "0", "PART_DISTILL.FIT.NUM_IMAGES", "0",
+        "PART_DISTILL.SELF_TRAIN.ITERS_PER_ROUND", "2", "PART_DISTILL.SELF_TRAIN.SHARD_SIZE", "2",
+        "PART_DISTILL.SELF_TRAIN.BATCH_SIZE", "2",
+        # A random-weight model scores every query low: keep them all as labels / candidates.
+        "PART_DISTILL.SELF_TRAIN.SCORE_THRESH", "0.0", "PART_DISTILL.SELF_TRAIN.MIN_AREA_RATIO", "0.0",
+        "PART_DISTILL.RANKING.MIN_CANDIDATES", "1", "DATASETS.PSEUDO_LABELS.MIN_PART_AREA_RATIO", "0.0"]
+    out = tmp_path / "out"
+    weights = {"proposal": "", "self_train": out / "proposal" / "model_final.pth",
+               "ranking": out / "self_train" / "round_0" / "model_final.pth",
+               "distill": out / "ranking" / "model_final.pth"}
+    for stage, w in weights.items():
+        cfg = build_cfg(os.path.join(cfg_dir, f"{stage}.yaml"), tiny + [
+            "MODEL.WEIGHTS", str(w), "OUTPUT_DIR", str(out / stage),
+            "PART_DISTILL.PSEUDO_LABELS.MANIFEST", str(tmp_path / "mined" / "manifest.json")])
+        assert cfg.MODEL.PART_DISTILL.NUM_OBJECT_CLASSES == 3
+        run_stage(cfg)
+    for stage in ("self_train", "distill"):
+        with open(out / stage / "round_0" / "round.json") as f:
+            labels = json.load(f)["labels"]["counts"]
+        # The teacher labelled the collection's 3 images and their 5 Detic objects.
+        assert (labels["images"], labels["instances"]) == (3, 5) and labels["parts"] > 0, stage
+    assert (out / "distill" / "round_0" / "model_final.pth").exists()
+    ranked = torch.load(out / "ranking" / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    # Prototypes for the vocabulary's 3 classes; "cat" (0) and "person" (2) own objects in the collection.
+    assert tuple(ranked["ranker.prototypes"].shape[:2]) == (3, 8)
+    assert ranked["ranker.prototype_valid"].any(dim=1)[[0, 2]].all()
