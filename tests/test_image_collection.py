@@ -55,6 +55,7 @@ def collection(tmp_path_factory):
         "d_low": _box(43, 64, 10, 30, 10, 30),
     }
     # Shard 1: a JSON array keyed by file_name (relative, absolute, a non-ASCII name matching nothing).
+    # Image 1 keeps its two best rows above 0.5 (0.9, 0.7; not 0.6), image 2 its non-empty mask.
     shard1 = [
         {"file_name": "n01000001/a.JPEG", "category_id": 7, "segmentation": _rle(m["a_cup"]), "score": 0.6},
         {"file_name": "n01000001/a.JPEG", "category_id": 3, "segmentation": _rle(m["a_cat"]), "score": 0.9},
@@ -63,6 +64,9 @@ def collection(tmp_path_factory):
          "score": 0.8},
         {"file_name": "n01000001/b.JPEG", "category_id": 7, "segmentation": _rle(m["b_empty"]), "score": 0.95},
         {"file_name": "n09/\u00fcber.JPEG", "category_id": 3, "segmentation": _rle(m["a_cat"]), "score": 0.99},
+        # A file_name from another machine that matches nothing: matched by its image_id (1 = a.JPEG).
+        {"file_name": "/elsewhere/renamed.JPEG", "image_id": 1, "category_id": 7, "segmentation": _rle(m["a_low"]),
+         "score": 0.7},
     ]
     # Shard 2: JSON Lines keyed by image_id (the folder rule), one row for an unknown id.
     shard2 = [
@@ -80,7 +84,7 @@ def collection(tmp_path_factory):
         f.write("\n".join(json.dumps(r) for r in shard2) + "\n")
     expected = [  # hand-built: score >= 0.5, top 2 per image, best first, empty mask and image 4 dropped
         {"image_id": 1, "file_name": str(img_root / "n01000001/a.JPEG"), "height": 48, "width": 72,
-         "objects": [(0, m["a_cat"], 0.9), (1, m["a_cup"], 0.6)]},
+         "objects": [(0, m["a_cat"], 0.9), (1, m["a_low"], 0.7)]},
         {"image_id": 2, "file_name": str(img_root / "n01000001/b.JPEG"), "height": 40, "width": 60,
          "objects": [(1, m["b_cup"], 0.8)]},
         {"image_id": 3, "file_name": str(img_root / "n02000002/c.jpeg"), "height": 64, "width": 64,
@@ -124,7 +128,7 @@ def test_collection_dicts_match_hand_built(collection):
     dicts, counts = build_image_collection(collection["img_root"], collection["shards"], collection["vocab"],
                                            score_thresh=0.5, topn=2)
     _check(dicts, collection["expected"])
-    assert counts == {"images": 4, "images_kept": 3, "images_without_objects": 1, "result_rows": 11,
+    assert counts == {"images": 4, "images_kept": 3, "images_without_objects": 1, "result_rows": 12,
                       "result_rows_unmatched": 2, "objects_empty_mask": 1}
     # The stages' GT-object readers (mining "gt" source, self-training / ranking labelling) see the same objects.
     objs = _gt_objects(dicts[2])

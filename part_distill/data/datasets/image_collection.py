@@ -13,8 +13,8 @@ collection works with all of them unchanged. The rules (also in docs/formats.md)
   set of files is; a COCO image list keeps its own ``id``.
 * **Matching results rows to images**: a row with ``file_name`` is matched by it (absolute and under
   ``image_root``, relative to ``image_root``, or -- when no relative path matches -- a basename that
-  is unique in the collection); a row with only ``image_id`` by the id above. Unmatched rows are
-  counted and logged.
+  is unique in the collection); a row without one, or whose ``file_name`` matches nothing, by its
+  ``image_id`` (the ids above). Unmatched rows are counted and logged.
 * **Objects per image**: rows with ``score >= score_thresh``, best first (ties: file, then row order),
   at most ``topn`` (0 = all); ``category_id`` mapped to the vocabulary's contiguous id; empty masks
   dropped (counted; the index holds no areas, so they still took their top-n slot). Images left
@@ -145,7 +145,8 @@ class _Matcher:
         if len(index["names"]):
             name_pos = np.array([self.name(str(n)) for n in index["names"]], dtype=np.int64)
             pos[named] = name_pos[index["name_index"][named]]
-        by_id = ~named & (index["image_id"] != NO_IMAGE_ID)
+        # Rows without a file_name, or whose file_name matches nothing (e.g. a path on another machine), by id.
+        by_id = (pos < 0) & (index["image_id"] != NO_IMAGE_ID)
         if by_id.any():
             ids, inverse = np.unique(index["image_id"][by_id], return_inverse=True)
             pos[by_id] = np.array([self.by_id.get(int(i), -1) for i in ids], dtype=np.int64)[inverse]
