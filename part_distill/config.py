@@ -53,6 +53,23 @@ def _add_data_config(cfg):
     # Folder of the generated worlds (one <settings hash>/ each, never rewritten), relative to $DETECTRON2_DATASETS.
     cfg.PARTS_WORLD.ROOT = "parts_world"
 
+    # -- unlabeled image collection with detector objects (data/datasets/image_collection.py, docs/formats.md)
+    cfg.DATASETS.IMAGE_COLLECTION = CN()
+    # DatasetCatalog name build_cfg registers from the keys below ("" = none); relative paths: $DETECTRON2_DATASETS.
+    cfg.DATASETS.IMAGE_COLLECTION.NAME = ""
+    # Image folder (ImageNet layout: one sub-folder per wnid), also the root of IMAGES_JSON's file names.
+    cfg.DATASETS.IMAGE_COLLECTION.IMAGE_ROOT = ""
+    # COCO-format json whose "images" list the collection ("" = every image file under IMAGE_ROOT).
+    cfg.DATASETS.IMAGE_COLLECTION.IMAGES_JSON = ""
+    # COCO-results files or globs (Detic's output; shards concatenated): image_id|file_name, category_id, RLE, score.
+    cfg.DATASETS.IMAGE_COLLECTION.OBJECTS = []
+    # Detector vocabulary = thing_classes: COCO/LVIS categories json, json list of names, or one name per line.
+    cfg.DATASETS.IMAGE_COLLECTION.VOCABULARY = ""
+    # Result rows scoring below this are not objects.
+    cfg.DATASETS.IMAGE_COLLECTION.SCORE_THRESH = 0.5
+    # Keep at most this many objects per image, best first (0 = no cap).
+    cfg.DATASETS.IMAGE_COLLECTION.TOPN = 20
+
     cfg.DATASETS.FEW_SHOT = CN()
     # Percentage (1/5/10/20/50/100) of each training set's images to keep; 100 keeps all.
     cfg.DATASETS.FEW_SHOT.PERCENT = 100.0
@@ -215,8 +232,10 @@ def _add_model_config(cfg):
     cfg.MODEL.PART_DISTILL.NUM_PART_QUERIES = 200
     # Prediction rounds of D^p incl. the raw queries (as MASK_FORMER.DEC_LAYERS); 0 = same as the instance decoder.
     cfg.MODEL.PART_DISTILL.PART_DEC_LAYERS = 0
-    # Part classes of D^p: 1 ("part") in stages 2-3; NUM_OBJECT_CLASSES x CLUSTERS_PER_CLASS in stage 4.
+    # Part classes of D^p: 1 ("part") in stages 2-3; NUM_OBJECT_CLASSES x CLUSTERS_PER_CLASS in stage 4; -1 = derived.
     cfg.MODEL.PART_DISTILL.NUM_PART_CLASSES = 1
+    # Object classes of the ranker / stage-4 slot head: 0 = SEM_SEG_HEAD.NUM_CLASSES; -1 = from metadata.
+    cfg.MODEL.PART_DISTILL.NUM_OBJECT_CLASSES = 0
     # Cluster slots per object class of the stage-4 head (paper Sec 4.3: k=8).
     cfg.MODEL.PART_DISTILL.CLUSTERS_PER_CLASS = 8
     # What stays fixed while D^p trains: encoder | reference | part_branch | none (meta_arch/part_distillation.py, docs/learning.md).
@@ -446,6 +465,10 @@ def _add_eval_config(cfg):
     cfg.TEST.PARTS.MATCH_SPLIT_FRACTION = 0.5
     # Salt of the image-id hash that draws the match split.
     cfg.TEST.PARTS.MATCH_SPLIT_SEED = 0
+    # PartARReferenceEvaluator (docs/evaluation.md): proposals with best GT-part IoU <= this are dropped first.
+    cfg.TEST.PARTS.REFERENCE_AR_MIN_IOU = 0.001
+    # PartARReferenceEvaluator: merge the GT parts of one class within an object into one GT part.
+    cfg.TEST.PARTS.REFERENCE_AR_MERGE_SAME_CLASS = True
     # Association json written by a run on another dataset; when set, every image here is evaluated.
     cfg.TEST.PARTS.ASSOCIATION_FILE = ""
 
@@ -562,3 +585,12 @@ def _add_probe_config(cfg):
     cfg.PROBE.RETRIEVAL.CROP_SIZE = 48
     # Crops are resized to this side (rounded up to the backbone's size divisibility) before embedding.
     cfg.PROBE.RETRIEVAL.RESIZE = 128
+
+
+def num_object_classes(cfg):
+    """Object classes of the ranker and the stage-4 slot head (MODEL.PART_DISTILL.NUM_OBJECT_CLASSES)."""
+    n = cfg.MODEL.PART_DISTILL.NUM_OBJECT_CLASSES or cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    if n < 0:
+        raise ValueError("MODEL.PART_DISTILL.NUM_OBJECT_CLASSES / SEM_SEG_HEAD.NUM_CLASSES is -1 (fill from metadata): "
+                         "build the config with part_distill.engine.setup.build_cfg, which resolves it")
+    return n

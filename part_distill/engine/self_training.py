@@ -23,6 +23,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from ..config import num_object_classes
 from ..data.fingerprint import CHECKPOINT_KEY, check_sources, source_fingerprints
 from ..data.pseudo_labels import PART_LABEL_KEY, PseudoLabelFilters, load_pseudo_labels
 from ..mining.store import code_version, config_hash, read_manifest
@@ -60,9 +61,9 @@ def with_overrides(cfg, **overrides):
 def check_slot_head(cfg, stage):
     """k of a stage that trains the cluster-slot head (NUM_OBJECT_CLASSES x k classes on PART_LABEL_KEY)."""
     pd = cfg.MODEL.PART_DISTILL
-    k, num_objects = pd.CLUSTERS_PER_CLASS, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    k, num_objects = pd.CLUSTERS_PER_CLASS, num_object_classes(cfg)
     if pd.NUM_PART_CLASSES != num_objects * k:
-        raise ValueError(f"stage {stage!r} needs MODEL.PART_DISTILL.NUM_PART_CLASSES = SEM_SEG_HEAD.NUM_CLASSES x "
+        raise ValueError(f"stage {stage!r} needs MODEL.PART_DISTILL.NUM_PART_CLASSES = NUM_OBJECT_CLASSES x "
                          f"CLUSTERS_PER_CLASS = {num_objects * k}, got {pd.NUM_PART_CLASSES}")
     if cfg.INPUT.PART_CLASS_KEY != PART_LABEL_KEY:
         raise ValueError(f"stage {stage!r} trains on cluster slots: set INPUT.PART_CLASS_KEY {PART_LABEL_KEY!r}")

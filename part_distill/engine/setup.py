@@ -10,7 +10,9 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import STAGES, add_part_distill_config
 from ..data.datasets.parts_world import register_parts_world_from_config
+from ..data.datasets.image_collection import register_image_collection_from_config
 from ..data.few_shot import apply_few_shot_config
+from .class_counts import resolve_class_counts
 
 
 class UnknownConfigKeyError(KeyError):
@@ -83,8 +85,11 @@ def build_cfg(config_file="", opts=(), freeze=True):
         # detectron2 defaults to cuda; a laptop without one should still run every command.
         logging.getLogger(__name__).warning("MODEL.DEVICE=%s but CUDA is unavailable; using cpu", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
+    # A collection named by DATASETS.IMAGE_COLLECTION is registered before its metadata is needed.
+    register_image_collection_from_config(cfg)
     # Few-shot subsets take effect by renaming DATASETS.TRAIN to registered subsets.
     apply_few_shot_config(cfg)
+    resolve_class_counts(cfg)
     stage = cfg.PART_DISTILL.STAGE
     if stage not in STAGES:
         raise ValueError(f"PART_DISTILL.STAGE={stage!r} is not one of {STAGES}")

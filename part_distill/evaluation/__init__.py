@@ -30,5 +30,6 @@ Ties in score keep the model's order (stable sort), as pycocotools does.
 """
 from .build import PARTS_EVALUATOR_REGISTRY, build_part_evaluators  # noqa: F401
 from .average_recall import PartAREvaluator  # noqa: F401
+from .reference_ar import PartARReferenceEvaluator  # noqa: F401
 from .miou import PartMIoUEvaluator  # noqa: F401
 from .nmi_ari import PartNMIARIEvaluator  # noqa: F401

@@ -89,6 +89,9 @@ class PartAREvaluator(PartEvaluatorBase):
     """AR@k (in %) of class-agnostic part proposals for every (mode, restriction) variant."""
 
     needs_part_maps = False
+    # Result key and table name (PartARReferenceEvaluator reuses _compute under its own).
+    task = "parts_ar"
+    notes = "IoU .50:.05:.95, class-agnostic, one-to-one greedy matching as COCOeval."
 
     @configurable
     def __init__(self, dataset_name=None, *, ks=(1, 10, 50, 100, 200), modes=("overlap",),
@@ -132,6 +135,10 @@ class PartAREvaluator(PartEvaluatorBase):
             counts[(mode, restriction)] = (ranks[:, :, None] < ks[None, None, :]).sum(axis=1)
         return {"num_gt": gt.num_parts, "counts": counts}
 
+    def _denominator(self, records, variant):
+        """GT parts that a variant's recall divides by (all of them here)."""
+        return sum(r["num_gt"] for r in records)
+
     def _compute(self, records):
         num_gt = sum(r["num_gt"] for r in records)
         results = OrderedDict()
@@ -139,13 +146,13 @@ class PartAREvaluator(PartEvaluatorBase):
         for mode, restriction in self._variants:
             matched = sum((r["counts"][(mode, restriction)] for r in records),
                           np.zeros((len(IOU_THRESHOLDS), len(self._ks)), dtype=np.int64))
-            recall = matched.mean(axis=0) / num_gt * 100 if num_gt else np.full(len(self._ks), np.nan)
+            denom = self._denominator(records, (mode, restriction))
+            recall = matched.mean(axis=0) / denom * 100 if denom else np.full(len(self._ks), np.nan)
             for k, value in zip(self._ks, recall):
                 results[variant_name(k, mode, restriction)] = float(value)
             rows.append([mode, restriction, *(float(v) for v in recall)])
         results["num_images"] = float(len(records))
         results["num_gt_parts"] = float(num_gt)
-        write_tables(self._output_dir, "parts_ar", ["mode", "restrict_to_gt_object", *(f"AR@{k}" for k in self._ks)],
-                     rows, [f"{len(records)} images, {num_gt} GT parts; IoU .50:.05:.95, class-agnostic, "
-                            "one-to-one greedy matching as COCOeval."])
-        return OrderedDict(parts_ar=results)
+        write_tables(self._output_dir, self.task, ["mode", "restrict_to_gt_object", *(f"AR@{k}" for k in self._ks)],
+                     rows, [f"{len(records)} images, {num_gt} GT parts; {self.notes}"])
+        return OrderedDict([(self.task, results)])

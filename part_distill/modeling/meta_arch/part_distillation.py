@@ -7,6 +7,7 @@ maximal IoU (Eq. 1), either D^o's predictions or the ground-truth objects of the
 (PartTargetLSJMapper); when D^o is not frozen it also trains on the inputs' ``"instances"``.
 """
 import contextlib
+import logging
 from typing import NamedTuple
 
 import torch
@@ -14,6 +15,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch.nn import functional as F
 
+from ...config import num_object_classes
 from ..criterion import SetCriterion
 from ..object_crops import OUTSIDE_LOGIT, CropSettings, crop_regions, mask_boxes, paste_regions
 from ..part_mask_adapter import build_part_mask_adapter
@@ -24,6 +26,8 @@ from ..slot_criterion import SlotSetCriterion
 from ..transformer_decoder import build_transformer_decoder
 from .instance_segmentor import InstanceSegmentor
 from .postprocess import masks_to_output, part_inference
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["PartDistillationModel", "FREEZE_MODES", "PartFeatures"]
 
@@ -131,7 +135,12 @@ class PartDistillationModel(InstanceSegmentor):
         ret["part_mask_adapter"] = build_part_mask_adapter(cfg, ret["backbone"].output_shape())
         if pd.FREEZE == "part_branch":
             ret["part_pixel_decoder"] = build_pixel_decoder(cfg, ret["backbone"].output_shape())
-        ret["ranker"] = PartRanker(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, pd.CLUSTERS_PER_CLASS,
+        if pd.OBJECTS == "predicted" and num_object_classes(cfg) != cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES:
+            # D^o's class ids would index a ranker fitted on another vocabulary (docs/configs.md).
+            logger.warning("MODEL.PART_DISTILL.OBJECTS 'predicted' with NUM_OBJECT_CLASSES %d != the instance "
+                           "decoder's %d classes: ranked scores and slots use D^o's ids as vocabulary ids",
+                           num_object_classes(cfg), cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+        ret["ranker"] = PartRanker(num_object_classes(cfg), pd.CLUSTERS_PER_CLASS,
                                    cfg.MODEL.MASK_FORMER.HIDDEN_DIM)
         ret.update(
             freeze=pd.FREEZE,
