@@ -49,3 +49,16 @@ def _private_fingerprint_cache(tmp_path_factory):
         os.environ.pop("PART_DISTILL_CACHE_DIR", None)
     else:
         os.environ["PART_DISTILL_CACHE_DIR"] = old
+
+
+# The detector vocabulary a config naming an image collection needs at build time (configs/imagenet).
+TINY_VOCABULARY = ["cat", "cup", "person"]
+
+
+@pytest.fixture(scope="session")
+def detector_vocabulary(tmp_path_factory):
+    import json
+
+    path = tmp_path_factory.mktemp("vocab") / "vocabulary.json"
+    path.write_text(json.dumps(TINY_VOCABULARY))
+    return str(path)

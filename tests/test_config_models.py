@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import part_distill  # noqa: F401  (registers everything)
+from conftest import TINY_VOCABULARY
 from detectron2.modeling import build_model
 from part_distill.engine.setup import build_cfg
 from part_distill.mining.features import build_feature_extractor
@@ -17,7 +18,6 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 CONFIGS = sorted(os.path.relpath(p, CONFIG_DIR) for p in glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"),
                                                                      recursive=True))
 MODEL_ARCHS = ("InstanceSegmentor", "PartDistillationModel", "SupervisedPartModel")
-TINY_VOCAB = ["cat", "cup", "person"]
 # Small widths / depths every config accepts; weights are never loaded.
 TINY = [
     "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.EFFICIENTNET.PRETRAINED", "False",
@@ -33,13 +33,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def vocab(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vocab") / "vocabulary.json"
-    path.write_text(json.dumps(TINY_VOCAB))
-    return str(path)
-
-
 def _build(rel, vocab):
     # A config naming an image collection registers it with this vocabulary (no-op for the others).
     cfg = build_cfg(os.path.join(CONFIG_DIR, rel), ["DATASETS.IMAGE_COLLECTION.VOCABULARY", vocab] + TINY)
@@ -51,15 +44,16 @@ def _build(rel, vocab):
 
 
 @pytest.mark.parametrize("rel", CONFIGS)
-def test_config_builds_at_tiny_size(rel, vocab):
+def test_config_builds_at_tiny_size(rel, detector_vocabulary):
+    vocab = detector_vocabulary
     cfg, model = _build(rel, vocab)
     assert isinstance(model, torch.nn.Module)
     assert sum(p.numel() for p in model.parameters()) > 0
     if "imagenet" in rel and cfg.MODEL.META_ARCHITECTURE == "PartDistillationModel":
         # The ranker (and stage 4's slot head) take their class count from the collection's vocabulary.
-        assert cfg.MODEL.PART_DISTILL.NUM_OBJECT_CLASSES == len(TINY_VOCAB)
-        assert tuple(model.ranker.prototypes.shape[:2]) == (len(TINY_VOCAB), 8)
-        expected = len(TINY_VOCAB) * 8 if cfg.PART_DISTILL.STAGE == "distill" else 1
+        assert cfg.MODEL.PART_DISTILL.NUM_OBJECT_CLASSES == len(TINY_VOCABULARY)
+        assert tuple(model.ranker.prototypes.shape[:2]) == (len(TINY_VOCABULARY), 8)
+        expected = len(TINY_VOCABULARY) * 8 if cfg.PART_DISTILL.STAGE == "distill" else 1
         assert cfg.MODEL.PART_DISTILL.NUM_PART_CLASSES == expected
 
 
