@@ -14,9 +14,9 @@ import os
 import sys
 import time
 
-from part_distill.engine.few_shot_table import (DEFAULT_CONFIG, DEFAULT_PERCENTS, build_few_shot_steps,
+from part_distill.drivers.few_shot_table import (DEFAULT_CONFIG, DEFAULT_PERCENTS, build_few_shot_steps,
                                                 collect_few_shot, write_few_shot_table)
-from part_distill.engine.pipeline import StepFailed, run_steps
+from part_distill.drivers.pipeline import StepFailed, run_steps
 
 
 def main():

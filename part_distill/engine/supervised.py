@@ -21,7 +21,7 @@ from detectron2.utils import comm
 from ..data.few_shot import few_shot_train_datasets
 from ..modeling.meta_arch.supervised_parts import SupervisedPartModel  # noqa: F401  (registers it)
 from .self_training import with_overrides
-from .stages import _evaluate
+from .stage_eval import evaluate_stage
 from .trainer import PartDistillTrainer
 
 __all__ = ["run_supervised", "part_target_dicts", "register_part_targets", "dataset_part_classes",
@@ -177,7 +177,7 @@ def run_supervised(cfg, resume=True):
         init = check_initialisation(trainer.checkpointer.last_incompatible, cfg.MODEL.WEIGHTS)
     if trainer.start_iter < trainer.max_iter:
         trainer.train()
-    res = getattr(trainer, "_last_eval_results", None) or _evaluate(cfg, trainer.model)
+    res = getattr(trainer, "_last_eval_results", None) or evaluate_stage(cfg, trainer.model)
     info = {"weights": cfg.MODEL.WEIGHTS, "resumed": bool(resumed), "reinitialised": init["reinitialised"],
             "num_fresh_keys": len(init["fresh"]), "train_datasets": list(train_names),
             "train_images": sum(len(DatasetCatalog.get(n)) for n in train_names),
