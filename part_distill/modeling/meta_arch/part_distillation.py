@@ -242,6 +242,8 @@ class PartDistillationModel(InstanceSegmentor):
                            "gt_classes): build the test mapper with keep_annotations=True")
         inst = x["instances"].to(self.device)
         masks = getattr(inst.gt_masks, "tensor", inst.gt_masks)
+        if not len(masks):  # an image without GT objects (interpolate rejects an empty batch)
+            return masks.new_zeros((0, *output_size), dtype=torch.bool), inst.gt_classes
         if tuple(masks.shape[-2:]) != tuple(output_size):
             masks = F.interpolate(masks[None].float(), size=tuple(output_size), mode="nearest")[0] > 0.5
         return masks.bool(), inst.gt_classes
