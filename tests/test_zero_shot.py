@@ -26,9 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 PASCAL, PIN, CITY = "pascal_part_val_parts", "part_imagenet_val_parts", "cityscapes_parts_val_parts"
 HAVE_SAMPLES = (SAMPLES / "Annotations").is_dir()
 SAMPLE_IDS = ["2008_000008", "2008_000009"]
-# The tiny model: a VOC-sized object vocabulary (20 > PartImageNet's 11) with 2 cluster slots per class.
+# The tiny model: a VOC-sized object vocabulary (20 > PartImageNet's 11) with 3 cluster slots per class
+# (60 slots: no target's part vocabulary has that size, so few-shot runs re-initialise the class head).
 MODEL_OPTS = ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "20", "MODEL.PART_DISTILL.NUM_OBJECT_CLASSES", "20",
-              "MODEL.PART_DISTILL.CLUSTERS_PER_CLASS", "2", "MODEL.PART_DISTILL.NUM_PART_CLASSES", "40",
+              "MODEL.PART_DISTILL.CLUSTERS_PER_CLASS", "3", "MODEL.PART_DISTILL.NUM_PART_CLASSES", "60",
               "MODEL.PART_DISTILL.TEST.RETURN_FEATURES", "False", "TEST.PARTS.RESTRICT_TO_GT_OBJECT", '["none", "union"]',
               # Two or three images per dataset: associate clusters on the evaluated images themselves.
               "TEST.PARTS.MATCH_SPLIT_FRACTION", "0.0", "DATALOADER.NUM_WORKERS", "0"]
