@@ -3,6 +3,7 @@ samples (read from ../shared, never copied) and a generated PartImageNet split; 
 and must be a counted skip. Table values are compared with pycocotools' AR and the evaluators run directly
 on the model's own outputs."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -12,12 +13,14 @@ import pytest
 import torch
 
 import part_distill  # noqa: F401  (registers datasets and models)
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from part_distill.drivers.zero_shot import OBJECT_MODES, build_zero_shot_steps, missing_path
 from part_distill.engine.setup import build_cfg
 from part_distill.engine.trainer import PartDistillTrainer
 from part_distill.evaluation import PartMIoUEvaluator, PartNMIARIEvaluator
 from part_distill.modeling.checkpoint import PartDistillCheckpointer
+from part_distill.modeling.meta_arch.gt_class_map import build_gt_class_lookup, class_lookup
+from part_distill.modeling.meta_arch.postprocess import mask_quality, part_inference
 from _tiny_part_model import tiny_part_cfg
 from test_eval_ar import _coco_ar
 from test_real_datasets import SAMPLES, _partimagenet_split
@@ -172,3 +175,50 @@ def test_missing_dataset_paths_and_checkpoint(tmp_path, monkeypatch):
     gt = steps[1].argv
     assert gt[gt.index("MODEL.PART_DISTILL.OBJECTS") + 1] == "gt"
     assert "PartNMIARIEvaluator" in gt[gt.index("TEST.PARTS.EVALUATORS") + 1]
+
+
+def test_gt_class_lookup_by_name_and_by_file(tmp_path):
+    model = ["person", "airplane", "tv_monitor", "dog"]
+    assert class_lookup(["aeroplane", "Person", "tv monitor", "cow"], model, {"aeroplane": "airplane"}).tolist() == [
+        1, 0, 2, -1]
+    with pytest.raises(ValueError, match="not a class of the model"):
+        class_lookup(["cow"], model, {"cow": "yak"})
+    with pytest.raises(ValueError, match="does not have"):
+        class_lookup(["cow"], model, {"sheep": "dog"})
+    # From the registered vocabularies: the model's (its training objects) and the test set's.
+    for name, classes in (("gcm_model", model), ("gcm_target", ["cow", "aeroplane", "person"])):
+        DatasetCatalog.pop(name, None)
+        MetadataCatalog.pop(name, None)
+        DatasetCatalog.register(name, list)
+        MetadataCatalog.get(name).set(thing_classes=classes)
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"aeroplane": "airplane"}))
+    opts = ["MODEL.PART_DISTILL.OBJECTS", "gt", "PART_DISTILL.SELF_TRAIN.DATASETS", "('gcm_model',)",
+            "DATASETS.TEST", "('gcm_target',)"]
+    cfg = tiny_part_cfg(*opts, "MODEL.PART_DISTILL.TEST.GT_CLASS_MAP", str(mapping))
+    assert build_gt_class_lookup(cfg).tolist() == [-1, 1, 0]
+    assert build_gt_class_lookup(tiny_part_cfg(*opts, "MODEL.PART_DISTILL.TEST.GT_CLASS_MAP", "names")).tolist() == [
+        -1, -1, 0]
+    assert build_gt_class_lookup(tiny_part_cfg(*opts)) is None  # "": the ids are the model's
+    with pytest.raises(FileNotFoundError, match="GT_CLASS_MAP"):
+        build_gt_class_lookup(tiny_part_cfg(*opts, "MODEL.PART_DISTILL.TEST.GT_CLASS_MAP", str(tmp_path / "no.json")))
+
+
+def test_parts_of_an_object_without_model_class_get_no_cluster():
+    # A slot head of 2 classes x 2 slots; part 0 lies in an object of class 1, part 1 in one of class -1.
+    logits = torch.tensor([[0.1, 0.2, 1.5, 0.3, 0.0], [2.0, 0.1, 0.2, 0.4, 0.3]])
+    masks = torch.full((2, 4, 4), -5.0)
+    masks[0, :2] = 5.0
+    masks[1, 2:] = 5.0
+    objects = torch.zeros((2, 4, 4), dtype=torch.bool)
+    objects[0, :2] = True
+    objects[1, 2:] = True
+    parts = part_inference(logits, masks, objects, torch.tensor([1, -1]), clusters_per_class=2)
+    by_owner = {int(o): i for i, o in enumerate(parts.object_index)}
+    own, other = by_owner[0], by_owner[1]
+    assert int(parts.pred_clusters[own]) == 0  # among class 1's slots (2, 3) the first wins; class 0's would say 1
+    assert int(parts.pred_clusters[other]) == -1 and int(parts.object_classes[other]) == -1
+    # Its score is the best of all slots (as for an unowned part), not class 0's slots.
+    quality = mask_quality(masks[1:], masks[1:] > 0)[0]
+    expected = logits[1].softmax(-1)[:-1].max() * quality
+    assert float(parts.scores[other]) == pytest.approx(float(expected), rel=1e-5)
