@@ -33,7 +33,8 @@ SAMPLE_IDS = ["2008_000008", "2008_000009"]
 # (60 slots: no target's part vocabulary has that size, so few-shot runs re-initialise the class head).
 MODEL_OPTS = ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "20", "MODEL.PART_DISTILL.NUM_OBJECT_CLASSES", "20",
               "MODEL.PART_DISTILL.CLUSTERS_PER_CLASS", "3", "MODEL.PART_DISTILL.NUM_PART_CLASSES", "60",
-              "MODEL.PART_DISTILL.TEST.RETURN_FEATURES", "False", "TEST.PARTS.RESTRICT_TO_GT_OBJECT", '["none", "union"]',
+              "MODEL.PART_DISTILL.TEST.RETURN_FEATURES", "False",
+              "TEST.PARTS.RESTRICT_TO_GT_OBJECT", '["none", "union"]',
               # Two or three images per dataset: associate clusters on the evaluated images themselves.
               "TEST.PARTS.MATCH_SPLIT_FRACTION", "0.0", "DATALOADER.NUM_WORKERS", "0"]
 
@@ -222,3 +223,9 @@ def test_parts_of_an_object_without_model_class_get_no_cluster():
     quality = mask_quality(masks[1:], masks[1:] > 0)[0]
     expected = logits[1].softmax(-1)[:-1].max() * quality
     assert float(parts.scores[other]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_default_config_exists():
+    from part_distill.drivers.zero_shot import DEFAULT_CONFIG
+
+    assert (REPO / DEFAULT_CONFIG).is_file()

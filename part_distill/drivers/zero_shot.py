@@ -21,10 +21,11 @@ from ..evaluation.base import write_tables
 from .demo import PRED_OBJECT_SCORE
 from .pipeline import Step
 
-__all__ = ["DEFAULT_CONFIG", "DEFAULT_DATASETS", "NMI_ARI_DATASET", "PRED_OBJECT_SCORE", "OBJECT_MODES", "cell_dir", "missing_path",
-           "build_zero_shot_steps", "collect_zero_shot", "zero_shot_rows", "nmi_ari_rows", "write_zero_shot_tables"]
+__all__ = ["DEFAULT_CONFIG", "DEFAULT_DATASETS", "NMI_ARI_DATASET", "PRED_OBJECT_SCORE", "OBJECT_MODES", "cell_dir",
+           "missing_path", "build_zero_shot_steps", "collect_zero_shot", "zero_shot_rows", "nmi_ari_rows",
+           "write_zero_shot_tables"]
 
-DEFAULT_CONFIG = "configs/zero_shot/distill_R50.yaml"
+DEFAULT_CONFIG = "configs/zero_shot/distill.yaml"
 DEFAULT_DATASETS = ("pascal_part_val_parts", "part_imagenet_val_parts", "cityscapes_parts_val_parts")
 NMI_ARI_DATASET = "pascal_part_val_parts"
 # objects mode -> (MODEL.PART_DISTILL.OBJECTS, evaluators, AR key of parts_ar). With predicted objects

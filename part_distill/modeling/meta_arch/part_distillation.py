@@ -70,7 +70,8 @@ class PartDistillationModel(InstanceSegmentor):
     def __init__(self, *, part_predictor, part_criterion, freeze="encoder",
                  freeze_instance_decoder=True, objects="predicted", clusters_per_class=8,
                  part_score_thresh=0.0, parts_per_image=0, return_features=True, ranker=None,
-                 part_mask_adapter=None, part_pixel_decoder=None, object_crop=None, gt_class_lookup=None, **kwargs):
+                 part_mask_adapter=None, part_pixel_decoder=None, object_crop=None, gt_class_lookup=None,
+                 **kwargs):
         """
         Args:
             part_predictor: the part decoder D^p (a masked-attention decoder returning query_features).
