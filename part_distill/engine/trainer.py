@@ -67,6 +67,14 @@ class PartDistillTrainer(DefaultTrainer):
         self.checkpointer = PartDistillCheckpointer(
             self.checkpointer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
 
+    def resume_or_load(self, resume=True):
+        """detectron2's, except that resuming means loading an intact checkpoint (see
+        PartDistillCheckpointer.resume_or_load): with none, training starts at iteration 0."""
+        self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        if self.checkpointer.resumed_from is not None:
+            # A checkpoint stores the iteration that had finished.
+            self.start_iter = self.iter + 1
+
     @classmethod
     def build_train_loader(cls, cfg):
         return build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True))

@@ -13,8 +13,16 @@ would otherwise discard the shifted patch-merging weights), for detectron2 model
 (``{"model": ..., "__author__": ...}``), plain ``torch.save`` state dicts and the name-matched
 ImageNet Swin pickles (``matching_heuristics``) alike. It keeps the last load's
 missing/unexpected/incorrect-shape keys in ``last_incompatible``.
+
+It also makes training resumable after a kill anywhere: checkpoints and ``last_checkpoint`` are
+written atomically; a resume deletes the temp files a killed save left and loads the newest
+*intact* ``model_{iter}.pth`` / ``model_final.pth`` (a damaged one is named in a warning and
+skipped, so its iterations are trained, and it is saved, again); ``resumed_from`` names the file,
+None when training starts from ``MODEL.WEIGHTS``. A damaged file given to :meth:`load` raises
+:class:`~part_distill.utils.io.DamagedFileError` naming it.
 """
 import logging
+import os
 import re
 from typing import Dict, Iterable, List, Optional
 
@@ -23,6 +31,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 from timm.models.swin_transformer import get_relative_position_index
 
+from ..utils.io import DamagedFileError, atomic_open, atomic_write_bytes, remove_stale_temps
 from .backbone.swin import D2SwinTransformer
 
 __all__ = ["PartDistillCheckpointer", "convert_mask2former_state_dict", "convert_swin_state_dict",
@@ -31,6 +40,8 @@ __all__ = ["PartDistillCheckpointer", "convert_mask2former_state_dict", "convert
 logger = logging.getLogger(__name__)
 
 _DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.(.+)$")
+# Files a training run saves with its full state (the resume candidates).
+_TRAINING_CHECKPOINT = re.compile(r"^model_(\d+|final)\.pth$")
 _DERIVED_BUFFER = re.compile(r"^layers\.\d+\.blocks\.\d+\.(attn\.relative_position_index|attn_mask)$")
 
 
@@ -124,6 +135,63 @@ class PartDistillCheckpointer(DetectionCheckpointer):
     """
 
     last_incompatible: Optional[_IncompatibleKeys] = None
+    resumed_from: Optional[str] = None
+
+    def save(self, name, **kwargs):
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        path = os.path.join(self.save_dir, f"{name}.pth")
+        self.logger.info(f"Saving checkpoint to {path}")
+        with atomic_open(path, "wb") as f:
+            torch.save(data, f)
+        self.tag_last_checkpoint(os.path.basename(path))
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        atomic_write_bytes(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename.encode())
+
+    def _load_file(self, filename):
+        try:
+            return super()._load_file(filename)
+        except OSError:
+            raise
+        except Exception as e:  # torch / pickle name no file when a checkpoint is cut short
+            raise DamagedFileError(f"checkpoint {filename} is damaged or not a checkpoint "
+                                   f"({type(e).__name__}: {e})") from e
+
+    def resume_candidates(self) -> List[str]:
+        """Full-state checkpoints in ``save_dir``, newest first (``last_checkpoint``'s file leads)."""
+        if not self.save_dir or not os.path.isdir(self.save_dir):
+            return []
+        found = [m.group(1) for m in map(_TRAINING_CHECKPOINT.match, os.listdir(self.save_dir)) if m]
+        # "final" is saved after the last numbered one.
+        found.sort(key=lambda it: (it == "final", int(it) if it != "final" else 0), reverse=True)
+        paths = [os.path.join(self.save_dir, f"model_{it}.pth") for it in found]
+        last = self.get_checkpoint_file() if self.has_checkpoint() else ""
+        if os.path.isfile(last):
+            paths = [last] + [p for p in paths if p != last]
+        return paths
+
+    def resume_or_load(self, path, *, resume=True):
+        """Resume from the newest intact training checkpoint, else load ``path`` (weights only)."""
+        from detectron2.utils import comm
+
+        self.resumed_from = None
+        if resume and self.save_dir:
+            if comm.is_main_process():
+                # Every rank is here, before any save: no atomic write is in progress.
+                remove_stale_temps(self.save_dir)
+            for candidate in self.resume_candidates():
+                try:
+                    out = self.load(candidate)
+                except DamagedFileError as e:
+                    logger.warning(f"{e}: not resuming from it")
+                    continue
+                self.resumed_from = candidate
+                return out
+        return self.load(path, checkpointables=[])
 
     def _load_model(self, checkpoint) -> _IncompatibleKeys:
         self._convert_ndarray_to_tensor(checkpoint["model"])
