@@ -6,9 +6,10 @@ import os
 
 import torch
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
 
 from ..data.mappers import InstanceLSJMapper, build_dataset_mapper
 
@@ -66,14 +67,25 @@ class PartDistillTrainer(DefaultTrainer):
 
         self.checkpointer = PartDistillCheckpointer(
             self.checkpointer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        # The periodic-checkpoint hook was built with detectron2's checkpointer: it must save through
+        # this one (atomic writes, and the checkpointables added to it later, e.g. the EMA).
+        for h in self._hooks:
+            if isinstance(h, hooks.PeriodicCheckpointer):
+                h.checkpointer = self.checkpointer
 
     def resume_or_load(self, resume=True):
         """detectron2's, except that resuming means loading an intact checkpoint (see
         PartDistillCheckpointer.resume_or_load): with none, training starts at iteration 0."""
         self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
-        if self.checkpointer.resumed_from is not None:
-            # A checkpoint stores the iteration that had finished.
-            self.start_iter = self.iter + 1
+        if self.checkpointer.resumed_from is None:
+            return
+        # A checkpoint stores the iteration that had finished.
+        self.start_iter = self.iter + 1
+        final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        if self.start_iter >= self.max_iter and not os.path.isfile(final) and comm.is_main_process():
+            # Killed between the last periodic save and the final one: train() will not run to write it.
+            self.checkpointer.save("model_final", iteration=self.iter)
+        comm.synchronize()
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -152,6 +152,13 @@ class PartDistillCheckpointer(DetectionCheckpointer):
     def tag_last_checkpoint(self, last_filename_basename):
         atomic_write_bytes(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename.encode())
 
+    def load(self, path, *args, **kwargs):
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            # detectron2 resets it only when a load succeeds; a failed one would block the next.
+            self._parsed_url_during_load = None
+
     def _load_file(self, filename):
         try:
             return super()._load_file(filename)
@@ -162,16 +169,18 @@ class PartDistillCheckpointer(DetectionCheckpointer):
                                    f"({type(e).__name__}: {e})") from e
 
     def resume_candidates(self) -> List[str]:
-        """Full-state checkpoints in ``save_dir``, newest first (``last_checkpoint``'s file leads)."""
+        """Full-state checkpoints in ``save_dir``, newest first."""
         if not self.save_dir or not os.path.isdir(self.save_dir):
             return []
         found = [m.group(1) for m in map(_TRAINING_CHECKPOINT.match, os.listdir(self.save_dir)) if m]
         # "final" is saved after the last numbered one.
         found.sort(key=lambda it: (it == "final", int(it) if it != "final" else 0), reverse=True)
         paths = [os.path.join(self.save_dir, f"model_{it}.pth") for it in found]
+        # A kill between a save and its tag leaves last_checkpoint one behind: the newest file wins,
+        # and the tag only adds a checkpoint of another name.
         last = self.get_checkpoint_file() if self.has_checkpoint() else ""
-        if os.path.isfile(last):
-            paths = [last] + [p for p in paths if p != last]
+        if os.path.isfile(last) and last not in paths:
+            paths = [last] + paths
         return paths
 
     def resume_or_load(self, path, *, resume=True):

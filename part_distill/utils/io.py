@@ -6,7 +6,7 @@ when a resumed job starts. :func:`read_json` names the file when one is damaged 
 short, a full disk in an older run), so callers can re-make it instead of failing on a bare
 ``JSONDecodeError``.
 
-Fault injection for the kill-anywhere tests (tests/kill_harness.py), read at every atomic write:
+Fault injection for the kill-anywhere tests (tests/_kill_harness.py), read at every atomic write:
 
     PART_DISTILL_KILL_AT_WRITE="N"      SIGKILL this process right after its N-th atomic write
                                          has been renamed into place

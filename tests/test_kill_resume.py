@@ -1,0 +1,310 @@
+"""Kill anywhere, rerun, get the uninterrupted outputs: mining, self-training labelling and training.
+
+Each job runs in a forked child that is SIGKILLed at random points drawn from the writes of an
+uninterrupted run (after a write, or inside it at a random byte offset) or after a random delay; a
+fresh child then reruns it to completion. The rerun must leave no temp file and produce:
+
+* mining: the uninterrupted store, byte for byte;
+* self-training labels: the uninterrupted label store, byte for byte;
+* self-training student training: a resume from the newest intact checkpoint on disk at the kill
+  (the iteration counter is that checkpoint's + 1, and the weights at the first resumed step are
+  that checkpoint's), and a finished round (model_final at iteration MAX_ITER - 1, round.json).
+
+Damaged files (a shard or a checkpoint cut short) are named in a warning or error and re-made.
+"""
+import hashlib
+import json
+import logging
+import os
+import random
+
+import pytest
+import torch
+
+import part_distill  # noqa: F401  (registers datasets and models)
+from _kill_harness import KILLED, draw_kill_points, elapsed, leftover_temps, run_in_child, trace_writes, tree_bytes
+from detectron2.engine import HookBase
+from part_distill.data.parts_world import WorldSettings
+from part_distill.engine import self_training
+from part_distill.engine.self_training import run_rounds
+from part_distill.engine.setup import build_cfg
+from part_distill.engine.trainer import PartDistillTrainer
+from part_distill.mining.miner import mine_parts
+from part_distill.mining.store import PartStore
+from part_distill.modeling.checkpoint import PartDistillCheckpointer
+from part_distill.utils.io import DamagedFileError
+
+SETTINGS = WorldSettings(seed=3, num_train=6, num_val=1, image_size=64, max_objects=2)
+NUM_KILLS = 5
+ITERS = 4
+
+
+# ---------------------------------------------------------------- jobs (run in forked children)
+def mining_cfg(out):
+    return build_cfg("", [
+        "MODEL.DEVICE", "cpu", "MINING.FEATURES", "rgbxy", "MINING.IMAGE_SIZE", "64", "MINING.SHARD_SIZE", "1",
+        "MINING.BATCH_SIZE", "1", "MINING.MAX_ITER", "20", "MINING.DATASETS", '("parts_world_train",)',
+        "MINING.OUTPUT_DIR", str(out)])
+
+
+def mining_job(out):
+    mine_parts(mining_cfg(out))
+
+
+def self_train_cfg(out, weights):
+    return build_cfg("", [
+        "MODEL.DEVICE", "cpu", "MODEL.META_ARCHITECTURE", "PartDistillationModel", "MODEL.WEIGHTS", str(weights),
+        "MODEL.BACKBONE.NAME", "build_efficientnet_lite_backbone", "MODEL.EFFICIENTNET.PRETRAINED", "False",
+        "MODEL.BACKBONE.FREEZE_AT", "0", "MODEL.PIXEL_MEAN", "[127.5, 127.5, 127.5]",
+        "MODEL.PIXEL_STD", "[127.5, 127.5, 127.5]", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "7",
+        "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME", "FPNPixelDecoder", "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32",
+        "MODEL.SEM_SEG_HEAD.MASK_DIM", "32", "MODEL.SEM_SEG_HEAD.NORM", "GN", "MODEL.MASK_FORMER.HIDDEN_DIM", "32",
+        "MODEL.MASK_FORMER.NHEADS", "2", "MODEL.MASK_FORMER.DIM_FEEDFORWARD", "64",
+        "MODEL.MASK_FORMER.DEC_LAYERS", "2", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "4",
+        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "64", "MODEL.PART_DISTILL.NUM_PART_QUERIES", "6",
+        "INPUT.FORMAT", "RGB", "INPUT.IMAGE_SIZE", "64", "INPUT.MIN_SCALE", "0.8", "INPUT.MAX_SCALE", "1.2",
+        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "INPUT.DATASET_MAPPER_NAME", "PartTargetLSJMapper",
+        "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.0001",
+        "SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.STEPS", "()", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()",
+        "PART_DISTILL.SELF_TRAIN.DATASETS", '("parts_world_train",)', "PART_DISTILL.SELF_TRAIN.SHARD_SIZE", "1",
+        "PART_DISTILL.SELF_TRAIN.BATCH_SIZE", "1", "PART_DISTILL.SELF_TRAIN.SCORE_THRESH", "0.0",
+        "PART_DISTILL.SELF_TRAIN.ITERS_PER_ROUND", str(ITERS), "PART_DISTILL.SELF_TRAIN.TEACHER", "ema",
+        "DATASETS.PSEUDO_LABELS.MAX_PART_AREA_RATIO", "1.0", "PART_DISTILL.FIT.NUM_IMAGES", "0",
+        "SEED", "0", "OUTPUT_DIR", str(out)])
+
+
+def state_digest(state):
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _RecordStart(HookBase):
+    """Appends the first step's iteration and weights digest to ``path`` (one JSON line per run)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def before_train(self):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"start_iter": self.trainer.start_iter,
+                                "resumed_from": self.trainer.checkpointer.resumed_from,
+                                "weights": state_digest(self.trainer.model.state_dict())}) + "\n")
+
+
+def self_train_job(out, weights):
+    self_training._extra_hooks = [lambda r: _RecordStart(os.path.join(out, "starts.jsonl"))]
+    run_rounds(self_train_cfg(out, weights), stage="self_train", num_rounds=1)
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def world(tiny_world_factory, tmp_path_factory):
+    from detectron2.data import DatasetCatalog
+
+    tiny_world_factory(SETTINGS)
+    DatasetCatalog.get("parts_world_train")  # generated here, so the killed jobs only read it
+    return {"tmp": tmp_path_factory.mktemp("kill")}
+
+
+@pytest.fixture(scope="module")
+def teacher(world):
+    torch.manual_seed(0)
+    model = PartDistillTrainer.build_model(self_train_cfg(world["tmp"] / "init", ""))
+    weights = world["tmp"] / "teacher.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    world["weights"] = str(weights)
+    return str(weights)
+
+
+@pytest.fixture(scope="module")
+def mined(world):
+    ref = world["tmp"] / "mined_ref"
+    (writes, seconds) = elapsed(trace_writes, mining_job, str(ref), trace_file=world["tmp"] / "mining.trace")
+    return {"dir": ref, "writes": writes, "seconds": seconds}
+
+
+@pytest.fixture(scope="module")
+def self_trained(world, teacher):
+    ref = world["tmp"] / "st_ref"
+    writes = trace_writes(self_train_job, str(ref), world["weights"], trace_file=world["tmp"] / "st.trace")
+    return {"dir": ref, "writes": writes}
+
+
+def _kill_then_finish(job, out, *args, kill_at=None, kill_after_s=None):
+    code = run_in_child(job, str(out), *args, kill_at=kill_at, kill_after_s=kill_after_s)
+    if kill_at is not None:
+        assert code == KILLED, f"{job.__name__} was not killed at write {kill_at} (exit {code})"
+    else:
+        assert code in (KILLED, 0), f"{job.__name__} failed (exit {code}) before the kill"
+    killed_state = _intact_checkpoints(out)
+    assert run_in_child(job, str(out), *args) == 0, f"the rerun of {job.__name__} after the kill failed"
+    assert leftover_temps(out) == []
+    return killed_state
+
+
+# ---------------------------------------------------------------- mining
+def test_mining_writes_are_traced(mined):
+    names = [os.path.relpath(p, mined["dir"]) for p in mined["writes"]]
+    assert names == ["run.json"] + [f"shards/shard_{c:05d}.json" for c in range(SETTINGS.num_train)] + ["manifest.json"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mining_killed_anywhere_resumes_byte_identical(world, mined, seed):
+    points = draw_kill_points(mined["writes"], NUM_KILLS // 2 + seed, seed)
+    for point in points:
+        out = world["tmp"] / f"mine_{seed}_{point.replace('@', '_')}"
+        _kill_then_finish(mining_job, out, kill_at=point)
+        assert tree_bytes(out) == tree_bytes(mined["dir"]), f"kill at write {point}"
+
+
+def test_mining_killed_after_random_delay_resumes_byte_identical(world, mined):
+    rng = random.Random(7)
+    for i in range(2):
+        out = world["tmp"] / f"mine_delay_{i}"
+        _kill_then_finish(mining_job, out, kill_after_s=rng.uniform(0.1, 1.0) * mined["seconds"])
+        assert tree_bytes(out) == tree_bytes(mined["dir"])
+
+
+def test_kill_mid_write_leaves_a_temp_file_that_the_rerun_removes(world, mined):
+    out = world["tmp"] / "mine_temp"
+    assert run_in_child(mining_job, str(out), kill_at="3@0.5") == KILLED
+    temps = leftover_temps(out)
+    assert [os.path.basename(os.path.dirname(p)) for p in temps] == ["shards"]
+    assert os.path.basename(temps[0]).startswith(".shard_00001.json.")
+    assert sorted(os.listdir(out / "shards")) == [os.path.basename(temps[0]), "shard_00000.json"]
+    mining_job(str(out))
+    assert leftover_temps(out) == [] and tree_bytes(out) == tree_bytes(mined["dir"])
+
+
+def test_damaged_shard_is_named_and_re_made(world, mined, caplog):
+    out = world["tmp"] / "mine_damaged"
+    mining_job(str(out))
+    shard = out / "shards" / "shard_00002.json"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DamagedFileError, match="shard_00002.json"):
+        PartStore(out).read_shard(2)
+    (out / "manifest.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="part_distill.mining.store"):
+        mining_job(str(out))
+    assert any("shard_00002.json" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+    assert tree_bytes(out) == tree_bytes(mined["dir"])
+
+
+def test_damaged_manifest_is_named(world, mined):
+    from part_distill.mining.store import read_manifest
+
+    out = world["tmp"] / "mine_bad_manifest"
+    mining_job(str(out))
+    (out / "manifest.json").write_text('{"counts": ')
+    with pytest.raises(DamagedFileError, match="manifest.json"):
+        read_manifest(str(out))
+    mining_job(str(out))  # a rerun writes it again from the shards
+    assert tree_bytes(out) == tree_bytes(mined["dir"])
+
+
+# ---------------------------------------------------------------- self-training: labels, then training
+def _is_label_write(path):
+    return f"{os.sep}labels{os.sep}" in path
+
+
+def _is_checkpoint_write(path):
+    return os.path.basename(path).startswith("model_") or os.path.basename(path) == "last_checkpoint"
+
+
+def _intact_checkpoints(out):
+    """{file name: iteration} of the round's checkpoints that load, tried one by one (brute force)."""
+    rdir = os.path.join(out, "round_0")
+    found = {}
+    if not os.path.isdir(rdir):
+        return found
+    for name in os.listdir(rdir):
+        if name.startswith("model_") and name.endswith(".pth") and name != "model_ema.pth":
+            try:
+                found[name] = torch.load(os.path.join(rdir, name), map_location="cpu", weights_only=False)["iteration"]
+            except Exception:
+                pass
+    return found
+
+
+def _check_finished_round(out, ref):
+    info = json.loads((out / "round_0" / "round.json").read_text())
+    assert info["iterations"] == ITERS
+    assert torch.load(info["checkpoint"], weights_only=False)["iteration"] == ITERS - 1
+    assert os.path.isfile(info["next_teacher"])
+    assert tree_bytes(out / "round_0" / "labels") == tree_bytes(ref / "round_0" / "labels")
+    return info
+
+
+def test_self_train_writes_are_traced(self_trained):
+    names = [os.path.relpath(p, self_trained["dir"] / "round_0") for p in self_trained["writes"]]
+    n = SETTINGS.num_train
+    assert names[: n + 2] == ["labels/run.json"] + [f"labels/shards/shard_{c:05d}.json" for c in range(n)] \
+        + ["labels/manifest.json"]
+    numbered = [f"model_{i:07d}.pth" for i in range(ITERS)]  # period 1; the last one is also saved as final
+    assert [x for x in names if x.startswith("model_")] == numbered + ["model_final.pth", "model_ema.pth"]
+    assert names[-1] == "round.json"
+
+
+def test_self_train_labelling_killed_anywhere_resumes_byte_identical(world, self_trained):
+    for point in draw_kill_points(self_trained["writes"], NUM_KILLS, seed=11, select=_is_label_write):
+        out = world["tmp"] / f"label_{point.replace('@', '_')}"
+        _kill_then_finish(self_train_job, out, world["weights"], kill_at=point)
+        _check_finished_round(out, self_trained["dir"])
+
+
+def _check_resume(out, killed_state):
+    """The rerun started at the newest intact checkpoint's iteration + 1 with that checkpoint's weights;
+    returns that start iteration."""
+    starts = [json.loads(line) for line in (out / "starts.jsonl").read_text().splitlines()]
+    assert len(starts) in (1, 2) and starts[0]["start_iter"] == 0  # the killed run, then the rerun
+    if not killed_state:
+        assert len(starts) == 2 and starts[1]["resumed_from"] is None and starts[1]["start_iter"] == 0
+        return 0
+    name, it = max(killed_state.items(), key=lambda kv: (kv[1], kv[0] == "model_final.pth"))
+    if it == ITERS - 1:
+        assert len(starts) == 1, "the rerun trained although every iteration was saved"
+        return ITERS
+    assert len(starts) == 2
+    resumed = starts[1]
+    assert resumed["start_iter"] == it + 1
+    assert os.path.basename(resumed["resumed_from"]) == name
+    saved = torch.load(out / "round_0" / name, map_location="cpu", weights_only=False)["model"]
+    assert resumed["weights"] == state_digest(saved)
+    return it + 1
+
+
+def test_self_train_training_killed_anywhere_resumes_from_last_saved_iteration(world, self_trained):
+    starts = []
+    for point in draw_kill_points(self_trained["writes"], NUM_KILLS, seed=5, select=_is_checkpoint_write):
+        out = world["tmp"] / f"train_{point.replace('@', '_')}"
+        killed_state = _kill_then_finish(self_train_job, out, world["weights"], kill_at=point)
+        starts.append(_check_resume(out, killed_state))
+        _check_finished_round(out, self_trained["dir"])
+    # The drawn points resume from more than one iteration (else the draw tested one case only).
+    assert len(set(starts)) >= 2, starts
+
+
+def test_damaged_checkpoint_is_named_and_training_resumes_before_it(world, self_trained, caplog, monkeypatch):
+    out = world["tmp"] / "train_damaged"
+    # Killed right after model_0000002.pth and its last_checkpoint tag were written.
+    index = next(i for i, p in enumerate(self_trained["writes"], 1) if p.endswith("model_0000002.pth")) + 1
+    assert run_in_child(self_train_job, str(out), world["weights"], kill_at=str(index)) == KILLED
+    ckpt = out / "round_0" / "model_0000002.pth"
+    assert (out / "round_0" / "last_checkpoint").read_text() == "model_0000002.pth"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    model = PartDistillTrainer.build_model(self_train_cfg(out, ""))
+    with pytest.raises(DamagedFileError, match="model_0000002.pth"):
+        PartDistillCheckpointer(model).load(str(ckpt))
+    monkeypatch.setattr(self_training, "_extra_hooks", [])  # restored after the in-process job
+    with caplog.at_level(logging.WARNING, logger="part_distill.modeling.checkpoint"):
+        self_train_job(str(out), world["weights"])
+    assert any("model_0000002.pth" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+    resumed = json.loads((out / "starts.jsonl").read_text().splitlines()[-1])
+    assert resumed["start_iter"] == 2 and resumed["resumed_from"].endswith("model_0000001.pth")
+    # Re-made: iteration 2 was trained and saved again.
+    assert torch.load(ckpt, weights_only=False)["iteration"] == 2
+    _check_finished_round(out, self_trained["dir"])
