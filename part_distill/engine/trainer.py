@@ -6,16 +6,17 @@ import os
 
 import torch
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..data.mappers import InstanceLSJMapper, build_dataset_mapper
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PartDistillTrainer", "build_optimizer", "full_model_clip_optimizer"]
+__all__ = ["PartDistillTrainer", "build_optimizer", "full_model_clip_optimizer", "wrap_ddp"]
 
 OPTIMIZERS = {"ADAMW": torch.optim.AdamW, "SGD": torch.optim.SGD}
 
@@ -56,22 +57,41 @@ def build_optimizer(cfg, model):
     return cls(params, lr=s.BASE_LR, **kwargs)
 
 
+def wrap_ddp(model):
+    """``model`` in DistributedDataParallel when there are several processes (gradients all-reduced);
+    device_ids only for a CUDA model (a CPU model under gloo takes none)."""
+    if comm.get_world_size() == 1:
+        return model
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return create_ddp_model(model, broadcast_buffers=False, device_ids=[comm.get_local_rank()] if on_cuda else None)
+
+
 class PartDistillTrainer(DefaultTrainer):
     """detectron2's DefaultTrainer with part_distill's mappers, optimiser and evaluators."""
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        # MODEL.WEIGHTS may be an official Mask2Former checkpoint (Swin key layout, .pkl): load
-        # through the converting checkpointer. Saving is unchanged (same format either way).
+        # DefaultTrainer.__init__'s steps, with two changes: the DDP wrapper also works for CPU
+        # (gloo) processes, and the checkpointer is ours from the start, so the periodic-checkpoint
+        # hook saves through it (atomic files, and checkpointables added later such as the EMA).
         from ..modeling.checkpoint import PartDistillCheckpointer
 
-        self.checkpointer = PartDistillCheckpointer(
-            self.checkpointer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        # The periodic-checkpoint hook was built with detectron2's checkpointer: it must save through
-        # this one (atomic writes, and the checkpointables added to it later, e.g. the EMA).
-        for h in self._hooks:
-            if isinstance(h, hooks.PeriodicCheckpointer):
-                h.checkpointer = self.checkpointer
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = wrap_ddp(model)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        # MODEL.WEIGHTS may be an official Mask2Former checkpoint (Swin key layout, .pkl): load
+        # through the converting checkpointer. Saving is unchanged (same format either way).
+        self.checkpointer = PartDistillCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     def resume_or_load(self, resume=True):
         """detectron2's, except that resuming means loading an intact checkpoint (see
