@@ -23,9 +23,7 @@ import torch
 
 import part_distill  # noqa: F401  (registers datasets and models)
 from _kill_harness import KILLED, draw_kill_points, elapsed, leftover_temps, run_in_child, trace_writes, tree_bytes
-from detectron2.engine import HookBase
 from part_distill.data.parts_world import WorldSettings
-from part_distill.engine import self_training
 from part_distill.engine.self_training import run_rounds
 from part_distill.engine.setup import build_cfg
 from part_distill.engine.trainer import PartDistillTrainer
@@ -81,22 +79,52 @@ def state_digest(state):
     return h.hexdigest()
 
 
-class _RecordStart(HookBase):
-    """Appends the first step's iteration and weights digest to ``path`` (one JSON line per run)."""
+def record_resumes(path):
+    """In a job's child only: every PartDistillTrainer.resume_or_load appends its outcome to ``path``
+    (start iteration, checkpoint loaded, digest of the weights it left in the model)."""
+    original = PartDistillTrainer.resume_or_load
 
-    def __init__(self, path):
-        self.path = path
+    def recording(self, resume=True):
+        original(self, resume=resume)
+        with open(path, "a") as f:
+            f.write(json.dumps({"start_iter": self.start_iter, "resumed_from": self.checkpointer.resumed_from,
+                                "weights": state_digest(self.checkpointer.model.state_dict())}) + "\n")
 
-    def before_train(self):
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"start_iter": self.trainer.start_iter,
-                                "resumed_from": self.trainer.checkpointer.resumed_from,
-                                "weights": state_digest(self.trainer.model.state_dict())}) + "\n")
+    PartDistillTrainer.resume_or_load = recording
 
 
 def self_train_job(out, weights):
-    self_training._extra_hooks = [lambda r: _RecordStart(os.path.join(out, "starts.jsonl"))]
+    record_resumes(os.path.join(out, "starts.jsonl"))
     run_rounds(self_train_cfg(out, weights), stage="self_train", num_rounds=1)
+
+
+def supervised_cfg(out):
+    # Identity augmentation, as in test_supervised.py; no evaluation.
+    return build_cfg("", [
+        "PART_DISTILL.STAGE", "supervised", "MODEL.DEVICE", "cpu", "MODEL.META_ARCHITECTURE", "SupervisedPartModel",
+        "MODEL.WEIGHTS", "", "MODEL.BACKBONE.NAME", "build_efficientnet_lite_backbone",
+        "MODEL.EFFICIENTNET.PRETRAINED", "False", "MODEL.BACKBONE.FREEZE_AT", "0",
+        "MODEL.PIXEL_MEAN", "[127.5, 127.5, 127.5]", "MODEL.PIXEL_STD", "[127.5, 127.5, 127.5]",
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "7", "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME", "FPNPixelDecoder",
+        "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32", "MODEL.SEM_SEG_HEAD.MASK_DIM", "32", "MODEL.SEM_SEG_HEAD.NORM", "GN",
+        "MODEL.MASK_FORMER.HIDDEN_DIM", "32", "MODEL.MASK_FORMER.NHEADS", "2",
+        "MODEL.MASK_FORMER.DIM_FEEDFORWARD", "64", "MODEL.MASK_FORMER.DEC_LAYERS", "2",
+        "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "4", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "64",
+        "MODEL.PART_DISTILL.NUM_PART_QUERIES", "6", "MODEL.PART_DISTILL.NUM_PART_CLASSES", "14",
+        "MODEL.PART_DISTILL.OBJECTS", "gt", "INPUT.FORMAT", "RGB", "INPUT.IMAGE_SIZE", "64",
+        "INPUT.MIN_SCALE", "1.0", "INPUT.MAX_SCALE", "1.0", "INPUT.RANDOM_FLIP", "none",
+        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "INPUT.DATASET_MAPPER_NAME", "PartTargetLSJMapper",
+        "INPUT.PART_CLASS_KEY", "category_id", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.MAX_ITER", str(ITERS), "SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.STEPS", "()",
+        "SOLVER.WARMUP_ITERS", "0", "TEST.EVAL_PERIOD", "0", "DATASETS.TRAIN", '("parts_world_train_parts",)',
+        "DATASETS.TEST", "()", "SEED", "0", "OUTPUT_DIR", str(out)])
+
+
+def supervised_job(out):
+    from part_distill.engine.supervised import run_supervised
+
+    record_resumes(os.path.join(out, "starts.jsonl"))
+    run_supervised(supervised_cfg(out), resume=True)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -133,13 +161,13 @@ def self_trained(world, teacher):
     return {"dir": ref, "writes": writes}
 
 
-def _kill_then_finish(job, out, *args, kill_at=None, kill_after_s=None):
+def _kill_then_finish(job, out, *args, kill_at=None, kill_after_s=None, ckpt_sub="round_0"):
     code = run_in_child(job, str(out), *args, kill_at=kill_at, kill_after_s=kill_after_s)
     if kill_at is not None:
         assert code == KILLED, f"{job.__name__} was not killed at write {kill_at} (exit {code})"
     else:
         assert code in (KILLED, 0), f"{job.__name__} failed (exit {code}) before the kill"
-    killed_state = _intact_checkpoints(out)
+    killed_state = _intact_checkpoints(out, ckpt_sub)
     assert run_in_child(job, str(out), *args) == 0, f"the rerun of {job.__name__} after the kill failed"
     assert leftover_temps(out) == []
     return killed_state
@@ -215,9 +243,9 @@ def _is_checkpoint_write(path):
     return os.path.basename(path).startswith("model_") or os.path.basename(path) == "last_checkpoint"
 
 
-def _intact_checkpoints(out):
-    """{file name: iteration} of the round's checkpoints that load, tried one by one (brute force)."""
-    rdir = os.path.join(out, "round_0")
+def _intact_checkpoints(out, sub="round_0"):
+    """{file name: iteration} of the training checkpoints in ``out/sub`` that load, each tried (brute force)."""
+    rdir = os.path.join(out, sub)
     found = {}
     if not os.path.isdir(rdir):
         return found
@@ -256,23 +284,20 @@ def test_self_train_labelling_killed_anywhere_resumes_byte_identical(world, self
         _check_finished_round(out, self_trained["dir"])
 
 
-def _check_resume(out, killed_state):
-    """The rerun started at the newest intact checkpoint's iteration + 1 with that checkpoint's weights;
-    returns that start iteration."""
+def _check_resume(out, killed_state, ckpt_dir):
+    """The rerun resumed at the newest intact checkpoint's iteration + 1 with that checkpoint's weights
+    (at 0 from MODEL.WEIGHTS without one); returns that start iteration."""
     starts = [json.loads(line) for line in (out / "starts.jsonl").read_text().splitlines()]
-    assert len(starts) in (1, 2) and starts[0]["start_iter"] == 0  # the killed run, then the rerun
+    assert len(starts) == 2 and starts[0]["start_iter"] == 0  # the killed run, then the rerun
+    resumed = starts[1]
     if not killed_state:
-        assert len(starts) == 2 and starts[1]["resumed_from"] is None and starts[1]["start_iter"] == 0
+        assert resumed["resumed_from"] is None and resumed["start_iter"] == 0
+        assert resumed["weights"] == starts[0]["weights"]
         return 0
     name, it = max(killed_state.items(), key=lambda kv: (kv[1], kv[0] == "model_final.pth"))
-    if it == ITERS - 1:
-        assert len(starts) == 1, "the rerun trained although every iteration was saved"
-        return ITERS
-    assert len(starts) == 2
-    resumed = starts[1]
     assert resumed["start_iter"] == it + 1
     assert os.path.basename(resumed["resumed_from"]) == name
-    saved = torch.load(out / "round_0" / name, map_location="cpu", weights_only=False)["model"]
+    saved = torch.load(os.path.join(ckpt_dir, name), map_location="cpu", weights_only=False)["model"]
     assert resumed["weights"] == state_digest(saved)
     return it + 1
 
@@ -282,7 +307,7 @@ def test_self_train_training_killed_anywhere_resumes_from_last_saved_iteration(w
     for point in draw_kill_points(self_trained["writes"], NUM_KILLS, seed=5, select=_is_checkpoint_write):
         out = world["tmp"] / f"train_{point.replace('@', '_')}"
         killed_state = _kill_then_finish(self_train_job, out, world["weights"], kill_at=point)
-        starts.append(_check_resume(out, killed_state))
+        starts.append(_check_resume(out, killed_state, out / "round_0"))
         _check_finished_round(out, self_trained["dir"])
     # The drawn points resume from more than one iteration (else the draw tested one case only).
     assert len(set(starts)) >= 2, starts
@@ -299,7 +324,7 @@ def test_damaged_checkpoint_is_named_and_training_resumes_before_it(world, self_
     model = PartDistillTrainer.build_model(self_train_cfg(out, ""))
     with pytest.raises(DamagedFileError, match="model_0000002.pth"):
         PartDistillCheckpointer(model).load(str(ckpt))
-    monkeypatch.setattr(self_training, "_extra_hooks", [])  # restored after the in-process job
+    monkeypatch.setattr(PartDistillTrainer, "resume_or_load", PartDistillTrainer.resume_or_load)  # restored after
     with caplog.at_level(logging.WARNING, logger="part_distill.modeling.checkpoint"):
         self_train_job(str(out), world["weights"])
     assert any("model_0000002.pth" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
@@ -308,3 +333,19 @@ def test_damaged_checkpoint_is_named_and_training_resumes_before_it(world, self_
     # Re-made: iteration 2 was trained and saved again.
     assert torch.load(ckpt, weights_only=False)["iteration"] == 2
     _check_finished_round(out, self_trained["dir"])
+
+
+def test_supervised_training_killed_mid_training_resumes_from_last_saved_iteration(world):
+    ref = world["tmp"] / "sup_ref"
+    writes = trace_writes(supervised_job, str(ref), trace_file=world["tmp"] / "sup.trace")
+    final = torch.load(ref / "model_final.pth", weights_only=False)
+    assert final["iteration"] == ITERS - 1
+    # Mid-training: inside or after a numbered checkpoint (model_final is the end of training).
+    middle = lambda p: os.path.basename(p).startswith("model_0")  # noqa: E731
+    starts = []
+    for point in draw_kill_points(writes, 2, seed=2, select=middle):
+        out = world["tmp"] / f"sup_{point.replace('@', '_')}"
+        killed_state = _kill_then_finish(supervised_job, out, kill_at=point, ckpt_sub="")
+        starts.append(_check_resume(out, killed_state, out))
+        assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == ITERS - 1
+    assert max(starts) > 0 and max(starts) < ITERS, starts
