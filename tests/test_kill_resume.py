@@ -24,7 +24,7 @@ import torch
 import part_distill  # noqa: F401  (registers datasets and models)
 from _kill_harness import KILLED, draw_kill_points, elapsed, leftover_temps, run_in_child, trace_writes, tree_bytes
 from part_distill.data.parts_world import WorldSettings
-from part_distill.engine.self_training import run_rounds
+from part_distill.engine.self_training import _label_round, run_rounds
 from part_distill.engine.setup import build_cfg
 from part_distill.engine.trainer import PartDistillTrainer
 from part_distill.mining.miner import mine_parts
@@ -93,6 +93,12 @@ def record_resumes(path):
     PartDistillTrainer.resume_or_load = recording
 
 
+def label_job(out, weights):
+    """Self-training labelling alone: the teacher's label store of round 0 (what run_rounds makes first)."""
+    cfg = self_train_cfg(out, weights)
+    _label_round(cfg, cfg, weights, os.path.join(out, "labels"), "self_train", 0, None)
+
+
 def self_train_job(out, weights):
     record_resumes(os.path.join(out, "starts.jsonl"))
     run_rounds(self_train_cfg(out, weights), stage="self_train", num_rounds=1)
@@ -152,6 +158,13 @@ def mined(world):
     ref = world["tmp"] / "mined_ref"
     (writes, seconds) = elapsed(trace_writes, mining_job, str(ref), trace_file=world["tmp"] / "mining.trace")
     return {"dir": ref, "writes": writes, "seconds": seconds}
+
+
+@pytest.fixture(scope="module")
+def labelled(world, teacher):
+    ref = world["tmp"] / "label_ref"
+    writes = trace_writes(label_job, str(ref), teacher, trace_file=world["tmp"] / "label.trace")
+    return {"dir": ref, "writes": writes}
 
 
 @pytest.fixture(scope="module")
@@ -235,10 +248,6 @@ def test_damaged_manifest_is_named(world, mined):
 
 
 # ---------------------------------------------------------------- self-training: labels, then training
-def _is_label_write(path):
-    return f"{os.sep}labels{os.sep}" in path
-
-
 def _is_checkpoint_write(path):
     return os.path.basename(path).startswith("model_") or os.path.basename(path) == "last_checkpoint"
 
@@ -277,11 +286,18 @@ def test_self_train_writes_are_traced(self_trained):
     assert names[-1] == "round.json"
 
 
-def test_self_train_labelling_killed_anywhere_resumes_byte_identical(world, self_trained):
-    for point in draw_kill_points(self_trained["writes"], NUM_KILLS, seed=11, select=_is_label_write):
+def test_self_train_labelling_killed_anywhere_resumes_byte_identical(world, labelled, self_trained):
+    n = SETTINGS.num_train
+    assert [os.path.relpath(p, labelled["dir"]) for p in labelled["writes"]] == \
+        ["labels/run.json"] + [f"labels/shards/shard_{c:05d}.json" for c in range(n)] + ["labels/manifest.json"]
+    ref = tree_bytes(labelled["dir"] / "labels")
+    assert json.loads(ref["manifest.json"])["counts"]["parts"] > 0
+    # The labels of a whole self-training round are these ones.
+    assert tree_bytes(self_trained["dir"] / "round_0" / "labels") == ref
+    for point in draw_kill_points(labelled["writes"], NUM_KILLS, seed=11):
         out = world["tmp"] / f"label_{point.replace('@', '_')}"
-        _kill_then_finish(self_train_job, out, world["weights"], kill_at=point)
-        _check_finished_round(out, self_trained["dir"])
+        _kill_then_finish(label_job, out, world["weights"], kill_at=point)
+        assert tree_bytes(out / "labels") == ref, f"kill at write {point}"
 
 
 def _check_resume(out, killed_state, ckpt_dir):
@@ -302,6 +318,7 @@ def _check_resume(out, killed_state, ckpt_dir):
     return it + 1
 
 
+@pytest.mark.slow
 def test_self_train_training_killed_anywhere_resumes_from_last_saved_iteration(world, self_trained):
     starts = []
     for point in draw_kill_points(self_trained["writes"], NUM_KILLS, seed=5, select=_is_checkpoint_write):
