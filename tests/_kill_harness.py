@@ -67,14 +67,15 @@ def trace_writes(job, *args, trace_file):
 
 
 def draw_kill_points(writes, n, seed, select=lambda path: True):
-    """``n`` distinct write-indexed kill points among the writes whose path passes ``select``:
-    each is after one of those writes (``"N"``) or inside it at a random byte offset (``"N@F"``)."""
+    """``n`` kill points at distinct writes (while there are enough) among those whose path passes
+    ``select``: each after its write (``"N"``) or inside it at a random byte offset (``"N@F"``)."""
     rng = random.Random(seed)
     candidates = [i + 1 for i, p in enumerate(writes) if select(p)]
     assert len(candidates) * 2 >= n, f"only {len(candidates)} writes to kill at"
     points = set()
     while len(points) < n:
-        index = rng.choice(candidates)
+        left = [i for i in candidates if not any(p.split("@")[0] == str(i) for p in points)] or candidates
+        index = rng.choice(left)
         points.add(str(index) if rng.random() < 0.5 else f"{index}@{rng.uniform(0.0, 0.999):.3f}")
     return sorted(points, key=lambda s: (int(s.split("@")[0]), s))
 
