@@ -8,7 +8,9 @@ fresh child then reruns it to completion. The rerun must leave no temp file and 
 * self-training labels: the uninterrupted label store, byte for byte;
 * self-training student training: a resume from the newest intact checkpoint on disk at the kill
   (the iteration counter is that checkpoint's + 1, and the weights at the first resumed step are
-  that checkpoint's), and a finished round (model_final at iteration MAX_ITER - 1, round.json).
+  that checkpoint's), and a finished round (model_final at iteration MAX_ITER - 1, round.json) whose
+  final and EMA weights equal the uninterrupted run's bit for bit (one process, NUM_WORKERS 0, SEED
+  fixed: engine/resume_state.py restores the sample-stream position and the RNGs).
 
 Damaged files (a shard or a checkpoint cut short) are named in a warning or error and re-made.
 """
@@ -267,12 +269,26 @@ def _intact_checkpoints(out, sub="round_0"):
     return found
 
 
-def _check_finished_round(out, ref):
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _assert_same_weights(path, ref_path):
+    got, ref = _weights(path), _weights(ref_path)
+    assert got.keys() == ref.keys()
+    diff = [k for k in ref if not torch.equal(got[k], ref[k])]
+    assert not diff, f"{os.path.basename(path)}: {len(diff)} tensors differ from the uninterrupted run, e.g. {diff[:3]}"
+
+
+def _check_finished_round(out, ref, same_weights=False):
     info = json.loads((out / "round_0" / "round.json").read_text())
     assert info["iterations"] == ITERS
-    assert torch.load(info["checkpoint"], weights_only=False)["iteration"] == ITERS - 1
+    assert torch.load(info["checkpoint"], weights_only=True)["iteration"] == ITERS - 1
     assert os.path.isfile(info["next_teacher"])
     assert tree_bytes(out / "round_0" / "labels") == tree_bytes(ref / "round_0" / "labels")
+    if same_weights:
+        for name in ("model_final.pth", "model_ema.pth"):
+            _assert_same_weights(out / "round_0" / name, ref / "round_0" / name)
     return info
 
 
@@ -325,7 +341,7 @@ def test_self_train_training_killed_anywhere_resumes_from_last_saved_iteration(w
         out = world["tmp"] / f"train_{point.replace('@', '_')}"
         killed_state = _kill_then_finish(self_train_job, out, world["weights"], kill_at=point)
         starts.append(_check_resume(out, killed_state, out / "round_0"))
-        _check_finished_round(out, self_trained["dir"])
+        _check_finished_round(out, self_trained["dir"], same_weights=True)
     # The drawn points resume from more than one iteration (else the draw tested one case only).
     assert len(set(starts)) >= 2, starts
 
@@ -349,7 +365,7 @@ def test_damaged_checkpoint_is_named_and_training_resumes_before_it(world, self_
     assert resumed["start_iter"] == 2 and resumed["resumed_from"].endswith("model_0000001.pth")
     # Re-made: iteration 2 was trained and saved again.
     assert torch.load(ckpt, weights_only=False)["iteration"] == 2
-    _check_finished_round(out, self_trained["dir"])
+    _check_finished_round(out, self_trained["dir"], same_weights=True)
 
 
 def test_supervised_training_killed_mid_training_resumes_from_last_saved_iteration(world):
@@ -364,5 +380,6 @@ def test_supervised_training_killed_mid_training_resumes_from_last_saved_iterati
         out = world["tmp"] / f"sup_{point.replace('@', '_')}"
         killed_state = _kill_then_finish(supervised_job, out, kill_at=point, ckpt_sub="")
         starts.append(_check_resume(out, killed_state, out))
-        assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == ITERS - 1
+        assert torch.load(out / "model_final.pth", weights_only=True)["iteration"] == ITERS - 1
+        _assert_same_weights(out / "model_final.pth", ref / "model_final.pth")
     assert max(starts) > 0 and max(starts) < ITERS, starts

@@ -196,7 +196,7 @@ def _train_student(cfg, rdir, dataset, init_weights, r):
     ema = None
     if s.TEACHER == "ema":
         ema = ModelEMA(trainer.model, s.EMA_DECAY)
-        trainer.register_hooks([EMAHook(ema)])
+        trainer.register_hooks_before_checkpoint([EMAHook(ema)])
         trainer.checkpointer.add_checkpointable("ema", ema)
     trainer.register_hooks([f(r) for f in _extra_hooks])
     # Resume within the round; a fresh round starts from the teacher's weights (resume_or_load

@@ -5,14 +5,18 @@ import logging
 import os
 
 import torch
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (MetadataCatalog, build_detection_test_loader, build_detection_train_loader,
+                             get_detection_dataset_dicts)
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.engine.hooks import PeriodicCheckpointer
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from ..data.mappers import InstanceLSJMapper, build_dataset_mapper
+from .resume_state import RestoreRNGHook, ResumableTrainingSampler, RNGState
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +82,9 @@ class PartDistillTrainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        if cfg.SEED >= 0:
+            # A fixed SEED makes the stage reproducible whatever ran before it in this process.
+            seed_all_rng(cfg.SEED + comm.get_rank())
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -88,10 +95,22 @@ class PartDistillTrainer(DefaultTrainer):
         # MODEL.WEIGHTS may be an official Mask2Former checkpoint (Swin key layout, .pkl): load
         # through the converting checkpointer. Saving is unchanged (same format either way).
         self.checkpointer = PartDistillCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        # Exact resumes (engine/resume_state.py): the sample-stream position and the RNGs.
+        self.sampler = getattr(data_loader, "resumable_sampler", None)
+        self.rng_state = RNGState()
+        self.checkpointer.add_checkpointable("rng", self.rng_state)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        self.register_hooks(self.build_hooks() + [RestoreRNGHook(self.rng_state, cfg.DATALOADER.NUM_WORKERS)])
+
+    def register_hooks_before_checkpoint(self, hooks):
+        """Register ``hooks`` before the periodic checkpointer, so a checkpoint saved after step i
+        holds their state after step i too (e.g. an EMA updated in after_step)."""
+        at = next((i for i, h in enumerate(self._hooks) if isinstance(h, PeriodicCheckpointer)), len(self._hooks))
+        for h in hooks:
+            h.trainer = weakref.proxy(self)
+        self._hooks[at:at] = hooks
 
     def resume_or_load(self, resume=True):
         """detectron2's, except that resuming means loading an intact checkpoint (see
@@ -101,6 +120,8 @@ class PartDistillTrainer(DefaultTrainer):
             return
         # A checkpoint stores the iteration that had finished.
         self.start_iter = self.iter + 1
+        if self.sampler is not None:
+            self.sampler.skip(self.start_iter * (self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()))
         final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
         if self.start_iter >= self.max_iter and not os.path.isfile(final) and comm.is_main_process():
             # Killed between the last periodic save and the final one: train() will not run to write it.
@@ -109,7 +130,18 @@ class PartDistillTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True))
+        mapper = build_dataset_mapper(cfg, is_train=True)
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            return build_detection_train_loader(cfg, mapper=mapper)
+        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        # cfg.SEED fixes the sample order (detectron2 draws a fresh seed when it is None) and the
+        # loader's own generator, so making its iterator draws nothing from the global RNG.
+        fixed = cfg.SEED >= 0
+        sampler = ResumableTrainingSampler(len(dataset), seed=cfg.SEED if fixed else None)
+        loader = build_detection_train_loader(cfg, mapper=mapper, dataset=dataset, sampler=sampler,
+                                              seed=cfg.SEED + comm.get_rank() if fixed else None)
+        loader.resumable_sampler = sampler
+        return loader
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
