@@ -250,8 +250,10 @@ def test_damaged_manifest_is_named(world, mined):
 
 
 # ---------------------------------------------------------------- self-training: labels, then training
-def _is_checkpoint_write(path):
-    return os.path.basename(path).startswith("model_") or os.path.basename(path) == "last_checkpoint"
+def _is_training_write(path):
+    """A checkpoint, its tag, the EMA teacher or the round summary (the writes of training)."""
+    name = os.path.basename(path)
+    return name.startswith("model_") or name in ("last_checkpoint", "round.json")
 
 
 def _intact_checkpoints(out, sub="round_0"):
@@ -337,7 +339,11 @@ def _check_resume(out, killed_state, ckpt_dir):
 @pytest.mark.slow
 def test_self_train_training_killed_anywhere_resumes_from_last_saved_iteration(world, self_trained):
     starts = []
-    for point in draw_kill_points(self_trained["writes"], NUM_KILLS, seed=5, select=_is_checkpoint_write):
+    writes = self_trained["writes"]
+    # The random points, plus one inside the last write (round.json: its temp file sits in the round
+    # directory, which the resumed trainer cleans).
+    points = draw_kill_points(writes, NUM_KILLS, seed=5, select=_is_training_write) + [f"{len(writes)}@0.5"]
+    for point in points:
         out = world["tmp"] / f"train_{point.replace('@', '_')}"
         killed_state = _kill_then_finish(self_train_job, out, world["weights"], kill_at=point)
         starts.append(_check_resume(out, killed_state, out / "round_0"))
