@@ -22,7 +22,7 @@ import time
 
 from part_distill.utils import io
 
-__all__ = ["run_in_child", "trace_writes", "draw_kill_points", "leftover_temps", "tree_bytes", "KILLED"]
+__all__ = ["run_in_child", "trace_writes", "draw_kill_points", "leftover_temps", "tree_bytes", "elapsed", "KILLED"]
 
 KILLED = -signal.SIGKILL
 
