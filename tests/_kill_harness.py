@@ -12,7 +12,7 @@ Two kinds of kill point:
   load; the assertions after the rerun must hold wherever it lands).
 
 Children are forked from the test process, which has imported torch and detectron2 already, so a
-kill/rerun pair costs the job's own work only.
+kill/rerun pair costs the job's own work only; they compute on one thread.
 """
 import multiprocessing
 import os
@@ -28,6 +28,11 @@ KILLED = -signal.SIGKILL
 
 
 def _child(job, args, kill_at, trace):
+    import torch
+
+    # The parent's OpenMP threads do not exist in a forked child; a parallel region would wait for
+    # them forever (torch's DataLoader workers do the same for the same reason).
+    torch.set_num_threads(1)
     io.write_count = 0
     os.environ.pop(io.KILL_AT_WRITE_ENV, None)
     os.environ.pop(io.WRITE_TRACE_ENV, None)

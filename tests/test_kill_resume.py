@@ -364,8 +364,15 @@ def test_damaged_checkpoint_is_named_and_training_resumes_before_it(world, self_
     with pytest.raises(DamagedFileError, match="model_0000002.pth"):
         PartDistillCheckpointer(model).load(str(ckpt))
     monkeypatch.setattr(PartDistillTrainer, "resume_or_load", PartDistillTrainer.resume_or_load)  # restored after
-    with caplog.at_level(logging.WARNING, logger="part_distill.modeling.checkpoint"):
-        self_train_job(str(out), world["weights"])
+    threads = torch.get_num_threads()
+    # In this process, to see its log; on one thread as the forked reference run (float sums
+    # depend on the thread count).
+    torch.set_num_threads(1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="part_distill.modeling.checkpoint"):
+            self_train_job(str(out), world["weights"])
+    finally:
+        torch.set_num_threads(threads)
     assert any("model_0000002.pth" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
     resumed = json.loads((out / "starts.jsonl").read_text().splitlines()[-1])
     assert resumed["start_iter"] == 2 and resumed["resumed_from"].endswith("model_0000001.pth")
