@@ -8,12 +8,12 @@ Round r of a stage lives in ``OUTPUT_DIR/round_{r}``:
     model_ema.pth      its EMA weights (TEACHER "ema"), the next round's teacher
     round.json         written last: teacher, label counts, checkpoint, next teacher, config hash
 
-A round with round.json is finished and skipped. Otherwise the labels are (re)made shard by shard
+A round with round.json is finished and skipped (a damaged round.json or labels manifest is named in
+a warning and made again, never trusted). Otherwise the labels are (re)made shard by shard
 (finished shards are kept) and the student resumes from the round's last checkpoint, or starts
 from the teacher's weights. The teacher of round 0 is MODEL.WEIGHTS; the teacher of round r > 0 is
 round r-1's final student ("snapshot") or its EMA ("ema"), as ``round.json`` names it.
 """
-import json
 import logging
 import os
 
@@ -27,7 +27,7 @@ from ..config import num_object_classes
 from ..data.fingerprint import CHECKPOINT_KEY, check_sources, source_fingerprints
 from ..data.pseudo_labels import PART_LABEL_KEY, PseudoLabelFilters, load_pseudo_labels
 from ..mining.store import code_version, config_hash, read_manifest
-from ..utils.io import atomic_open, atomic_write_json
+from ..utils.io import DamagedFileError, atomic_open, atomic_write_json, read_json
 from .part_labels import (PartLabelFilters, build_label_mapper, check_label_config, dataset_inputs, file_sha256,
                           label_run_info, unwrap, write_part_label_store)
 from .trainer import PartDistillTrainer
@@ -143,10 +143,9 @@ def load_labelled_parts(manifest_path, filters):
     root = manifest_path if os.path.isdir(manifest_path) else os.path.dirname(manifest_path)
     labels = {}
     for entry in manifest["shards"]:
-        with open(os.path.join(root, entry["file"])) as f:
-            for a in json.load(f)["annotations"]:
-                if PART_LABEL_KEY in a:
-                    labels[a["id"]] = a[PART_LABEL_KEY]
+        for a in read_json(os.path.join(root, entry["file"]), "label shard")["annotations"]:
+            if PART_LABEL_KEY in a:
+                labels[a["id"]] = a[PART_LABEL_KEY]
     if labels:
         for d in dicts:
             for a in d["annotations"]:
@@ -204,14 +203,13 @@ def _train_student(cfg, rdir, dataset, init_weights, r):
     ema = None
     if s.TEACHER == "ema":
         ema = ModelEMA(trainer.model, s.EMA_DECAY)
-        trainer.register_hooks([EMAHook(ema)])
+        trainer.register_hooks_before_checkpoint([EMAHook(ema)])
         trainer.checkpointer.add_checkpointable("ema", ema)
     trainer.register_hooks([f(r) for f in _extra_hooks])
     # Resume within the round; a fresh round starts from the teacher's weights (resume_or_load
     # loads MODEL.WEIGHTS when the round has no checkpoint yet), and the EMA starts from them too.
-    has_ckpt = trainer.checkpointer.has_checkpoint()
     trainer.resume_or_load(resume=True)
-    if ema is not None and not has_ckpt:
+    if ema is not None and trainer.checkpointer.resumed_from is None:
         ema.state = {k: v.detach().clone() for k, v in unwrap(trainer.model).state_dict().items()}
     if trainer.start_iter < trainer.max_iter:
         trainer.train()
@@ -227,6 +225,17 @@ def _train_student(cfg, rdir, dataset, init_weights, r):
     # Iterations done: after train() ``iter`` is max_iter; a skipped train leaves start_iter = max_iter.
     return (final, next_teacher, max(trainer.iter, trainer.start_iter), getattr(trainer, "_last_eval_results", None),
             fit)
+
+
+def _read_if_intact(path, what):
+    """The JSON of a job's last-written file, or None when it is missing or damaged (then it is re-made)."""
+    try:
+        return read_json(path, what)
+    except FileNotFoundError:
+        return None
+    except DamagedFileError as e:
+        logger.warning("%s: making it again", e)
+        return None
 
 
 def run_rounds(cfg, *, stage, num_rounds, teacher_cfg_of_round=None, labeler_factory=None):
@@ -248,9 +257,9 @@ def run_rounds(cfg, *, stage, num_rounds, teacher_cfg_of_round=None, labeler_fac
     for r in range(num_rounds):
         rdir = round_dir(cfg, r)
         done = os.path.join(rdir, ROUND_MANIFEST)
-        if os.path.isfile(done):
-            with open(done) as f:
-                info = json.load(f)
+        finished = _read_if_intact(done, "round summary")
+        if finished is not None:
+            info = finished
             # A finished round stands for the data it was labelled from; other data must not reuse it.
             check_sources(info.get("data_fingerprints"), source_fingerprints(s.DATASETS), done)
             logger.info("%s round %d already finished (%s), skipped", stage, r, done)
@@ -258,7 +267,7 @@ def run_rounds(cfg, *, stage, num_rounds, teacher_cfg_of_round=None, labeler_fac
             continue
         teacher_cfg = teacher_cfg_of_round(r) if teacher_cfg_of_round else cfg
         labels_dir = os.path.join(rdir, "labels")
-        if not os.path.isfile(os.path.join(labels_dir, "manifest.json")):
+        if _read_if_intact(os.path.join(labels_dir, "manifest.json"), "labels manifest") is None:
             _label_round(cfg, teacher_cfg, teacher, labels_dir, stage, r, labeler_factory)
         comm.synchronize()
         labels_manifest = read_manifest(labels_dir)

@@ -20,6 +20,11 @@ object id = (image index + 1) * OBJECT_STRIDE + object row, part id = object id 
 
 Shards are numbered globally and rank r mines shards c with c % world_size == r, so the files
 (and the manifest) do not depend on the world size, and a rerun skips every shard already on disk.
+
+Resume after a kill anywhere: files are written atomically (temp file + rename), so a kill leaves
+complete files plus at most a temp file per writer. ``start_run`` deletes those temp files and every
+shard that does not parse or is not the shard it claims to be (named in a warning), so the rerun
+re-makes it; a shard of another configuration is refused (``ConfigMismatchError``), never mixed in.
 """
 import json
 import logging
@@ -28,7 +33,7 @@ import shutil
 import subprocess
 
 from ..utils.hashing import config_hash
-from ..utils.io import atomic_write_json
+from ..utils.io import DamagedFileError, atomic_write_json, read_json, remove_stale_temps
 
 __all__ = [
     "EmptyStoreError",
@@ -123,8 +128,7 @@ class PartStore:
     # ------------------------------------------------------------ run stamp
     def read_run(self):
         try:
-            with open(os.path.join(self.root, self.RUN)) as f:
-                return json.load(f)
+            return read_json(os.path.join(self.root, self.RUN), "the store's run stamp")
         except FileNotFoundError:
             return None
 
@@ -135,7 +139,12 @@ class PartStore:
         """
         if overwrite:
             return
-        existing = self.read_run()
+        try:
+            existing = self.read_run()
+        except DamagedFileError as e:
+            # Each shard carries its config hash: start_run checks those and re-makes the stamp.
+            logger.warning("%s: it will be written again", e)
+            return
         if existing is None:
             if self.existing_shards():
                 raise ConfigMismatchError(
@@ -161,8 +170,40 @@ class PartStore:
                 if os.path.exists(os.path.join(self.root, name)):
                     os.unlink(os.path.join(self.root, name))
         os.makedirs(os.path.join(self.root, self.SHARDS), exist_ok=True)
-        if self.read_run() is None:
+        remove_stale_temps(self.root)
+        remove_stale_temps(os.path.join(self.root, self.SHARDS))
+        self.remove_damaged_shards(run_info)
+        try:
+            stamped = self.read_run() is not None
+        except DamagedFileError:
+            stamped = False
+        if not stamped:
             atomic_write_json(os.path.join(self.root, self.RUN), run_info, indent=1, sort_keys=True)
+
+    def remove_damaged_shards(self, run_info):
+        """Delete (and name) the shards that do not parse or hold another chunk, so they are re-made;
+        returns their names. A complete shard of another configuration raises ConfigMismatchError."""
+        removed = []
+        for name in self.existing_shards():
+            path = os.path.join(self.root, self.SHARDS, name)
+            try:
+                shard = self.read_shard(name)
+                info = shard["info"]
+                ok = info["chunk"] == int(name[len("shard_"):-len(".json")]) and "counts" in shard
+            except (DamagedFileError, KeyError, TypeError, ValueError) as e:
+                ok, info = False, {}
+                logger.warning("Shard %s is damaged (%s): deleted, it will be made again", path, e)
+            else:
+                if not ok:
+                    logger.warning("Shard %s does not hold chunk %s: deleted, it will be made again", path, name)
+            if ok and info.get("config_hash") != run_info["config_hash"]:
+                raise ConfigMismatchError(f"{path} was made with another configuration (hash "
+                                          f"{info.get('config_hash')} vs {run_info['config_hash']}); "
+                                          "use a new output directory or pass --overwrite")
+            if not ok:
+                os.unlink(path)
+                removed.append(name)
+        return removed
 
     # ------------------------------------------------------------ shards
     def write_shard(self, chunk, shard):
@@ -170,8 +211,8 @@ class PartStore:
 
     def read_shard(self, chunk_or_name):
         name = chunk_or_name if isinstance(chunk_or_name, str) else self.shard_name(chunk_or_name)
-        with open(os.path.join(self.root, self.SHARDS, name)) as f:
-            return json.load(f)
+        return read_json(os.path.join(self.root, self.SHARDS, name),
+                         "shard (delete it and rerun the job that wrote it to make it again)")
 
     def write_manifest(self, run_info, num_chunks, empty_hint=None):
         """Sum the counts of all ``num_chunks`` shards into manifest.json (main process, last).
@@ -227,8 +268,7 @@ def read_manifest(path):
     if os.path.isdir(path):
         path = os.path.join(path, PartStore.MANIFEST)
     try:
-        with open(path) as f:
-            return json.load(f)
+        return read_json(path, "manifest (rerun the job that wrote it: finished shards are kept)")
     except FileNotFoundError:
         raise FileNotFoundError(
             f"no mined-parts manifest at {path}: run tools/mine_parts.py to completion first "
