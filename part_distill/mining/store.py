@@ -26,7 +26,6 @@ complete files plus at most a temp file per writer. ``start_run`` deletes those 
 shard that does not parse or is not the shard it claims to be (named in a warning), so the rerun
 re-makes it; a shard of another configuration is refused (``ConfigMismatchError``), never mixed in.
 """
-import json
 import logging
 import os
 import shutil

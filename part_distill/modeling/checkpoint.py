@@ -187,6 +187,39 @@ class PartDistillCheckpointer(DetectionCheckpointer):
             raise DamagedFileError(f"checkpoint {filename} is damaged or not a checkpoint "
                                    f"({type(e).__name__}: {e})") from e
 
+    def resume_candidates(self) -> List[str]:
+        """Full-state checkpoints in ``save_dir``, newest first."""
+        if not self.save_dir or not os.path.isdir(self.save_dir):
+            return []
+        found = [m.group(1) for m in map(_TRAINING_CHECKPOINT.match, os.listdir(self.save_dir)) if m]
+        # "final" is saved after the last numbered one.
+        found.sort(key=lambda it: (it == "final", int(it) if it != "final" else 0), reverse=True)
+        paths = [os.path.join(self.save_dir, f"model_{it}.pth") for it in found]
+        # A kill between a save and its tag leaves last_checkpoint one behind: the newest file wins,
+        # and the tag only adds a checkpoint of another name.
+        last = self.get_checkpoint_file() if self.has_checkpoint() else ""
+        if os.path.isfile(last) and last not in paths:
+            paths = [last] + paths
+        return paths
+
+    def resume_or_load(self, path, *, resume=True):
+        """Resume from the newest intact training checkpoint, else load ``path`` (weights only)."""
+        from detectron2.utils import comm
+
+        self.resumed_from = None
+        if resume and self.save_dir:
+            if comm.is_main_process():
+                # Every rank is here, before any save: no atomic write is in progress.
+                remove_stale_temps(self.save_dir)
+            for candidate in self.resume_candidates():
+                try:
+                    out = self.load(candidate)
+                except DamagedFileError as e:
+                    logger.warning(f"{e}: not resuming from it")
+                    continue
+                self.resumed_from = candidate
+                return out
+        return self.load(path, checkpointables=[])
 
     def _load_model(self, checkpoint) -> _IncompatibleKeys:
         self._convert_ndarray_to_tensor(checkpoint["model"])
