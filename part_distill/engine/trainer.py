@@ -5,16 +5,19 @@ import logging
 import os
 
 import torch
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (MetadataCatalog, build_detection_test_loader, build_detection_train_loader,
+                             get_detection_dataset_dicts)
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from ..data.mappers import InstanceLSJMapper, build_dataset_mapper
+from ..data.samplers import ResumableTrainingSampler
+from ..data.store_dataset import build_store_train_set
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PartDistillTrainer", "build_optimizer", "full_model_clip_optimizer"]
+__all__ = ["PartDistillTrainer", "build_optimizer", "full_model_clip_optimizer", "build_train_loader"]
 
 OPTIMIZERS = {"ADAMW": torch.optim.AdamW, "SGD": torch.optim.SGD}
 
@@ -55,6 +58,31 @@ def build_optimizer(cfg, model):
     return cls(params, lr=s.BASE_LR, **kwargs)
 
 
+def build_train_loader(cfg, mapper=None):
+    """detectron2's train loader over DATASETS.TRAIN, streaming part stores and resumable.
+
+    Part stores (names registered by register_pseudo_labels) are read through StoreDataset, whose
+    memory does not grow with the store; other datasets load their dicts as detectron2 does. With
+    DATALOADER.SAMPLER_TRAIN "TrainingSampler" the sampler is a ResumableTrainingSampler (same
+    stream as detectron2's), reachable as ``loader.stream_sampler`` for the trainer's resume.
+    """
+    names = cfg.DATASETS.TRAIN
+    filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+    dataset = build_store_train_set(names, drop_empty=filter_empty)
+    if dataset is None:
+        dataset = get_detection_dataset_dicts(names, filter_empty=filter_empty)
+    elif len(dataset) == 0:
+        raise ValueError(f"no training image of {list(names)} keeps a part after the DATASETS.PSEUDO_LABELS "
+                         "filters (and DATALOADER.FILTER_EMPTY_ANNOTATIONS)")
+    sampler = None
+    if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
+        sampler = ResumableTrainingSampler(len(dataset))
+    loader = build_detection_train_loader(cfg, mapper=mapper or build_dataset_mapper(cfg, is_train=True),
+                                          dataset=dataset, sampler=sampler)
+    loader.stream_sampler = sampler
+    return loader
+
+
 class PartDistillTrainer(DefaultTrainer):
     """detectron2's DefaultTrainer with part_distill's mappers, optimiser and evaluators."""
 
@@ -69,7 +97,44 @@ class PartDistillTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True))
+        return build_train_loader(cfg)
+
+    def _stream_sampler(self):
+        return getattr(self._trainer.data_loader, "stream_sampler", None)
+
+    def resume_or_load(self, resume=True):
+        """detectron2's resume, then the data stream continues after the batches already trained on.
+
+        Exact when DATALOADER.ASPECT_RATIO_GROUPING is off; with it, images waiting in the aspect
+        buckets at the checkpoint may be skipped or seen twice (at most batch - 1 per bucket and
+        worker). Augmentation draws are not checkpointed: they restart from the process seed.
+        """
+        super().resume_or_load(resume=resume)
+        sampler = self._stream_sampler()
+        if sampler is not None:
+            if self._trainer._data_loader_iter_obj is not None:
+                logger.warning("the train loader is already iterating: its stream cannot move to iteration %d",
+                               self.start_iter)
+            sampler.start = self.start_iter * self.cfg.SOLVER.IMS_PER_BATCH
+
+    def state_dict(self):
+        ret = super().state_dict()
+        sampler = self._stream_sampler()
+        if sampler is not None:
+            # The seed a resumed run needs to continue the same shuffle (it may be a random draw).
+            ret["data_stream"] = {"seed": sampler.seed}
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        sampler = self._stream_sampler()
+        if sampler is None:
+            return
+        if "data_stream" in state_dict:
+            sampler.seed = state_dict["data_stream"]["seed"]
+        else:
+            logger.warning("checkpoint without a data-stream seed (older part_distill): the resumed run "
+                           "draws a new shuffle")
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

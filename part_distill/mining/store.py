@@ -5,6 +5,7 @@ Layout of ``MINING.OUTPUT_DIR``::
     run.json                    config subset + inputs + their hash, written before any shard
     shards/shard_00000.json     images [c*SHARD_SIZE, (c+1)*SHARD_SIZE) of the mined image list
     manifest.json               run.json + code version + shard list + summed counts (written last)
+    stream_index/               cached byte-offset indexes of training readers (data/store_dataset.py)
 
 A shard is a COCO dataset (``pycocotools.coco.COCO`` and detectron2's ``load_coco_json`` read it):
 ``images`` (``id`` = position in the mined list + 1, plus ``file_name``, ``height``, ``width``,
@@ -25,8 +26,11 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
+
+import numpy as np
 
 from ..utils.io import atomic_write_json
 
@@ -40,6 +44,8 @@ __all__ = [
     "PART_CATEGORY",
     "empty_counts",
     "add_counts",
+    "scan_shard",
+    "read_span",
 ]
 
 FORMAT_VERSION = 1
@@ -97,6 +103,7 @@ class PartStore:
     RUN = "run.json"
     MANIFEST = "manifest.json"
     SHARDS = "shards"
+    STREAM_INDEX = "stream_index"
 
     def __init__(self, output_dir):
         if not output_dir:
@@ -154,6 +161,8 @@ class PartStore:
         """Main process only: clear the store if ``overwrite``, then stamp it with ``run_info``."""
         if overwrite:
             shutil.rmtree(os.path.join(self.root, self.SHARDS), ignore_errors=True)
+            # Readers' caches of the old shards (data/store_dataset.py).
+            shutil.rmtree(os.path.join(self.root, self.STREAM_INDEX), ignore_errors=True)
             for name in (self.RUN, self.MANIFEST):
                 if os.path.exists(os.path.join(self.root, name)):
                     os.unlink(os.path.join(self.root, name))
@@ -216,3 +225,77 @@ def read_manifest(path):
         raise FileNotFoundError(
             f"no mined-parts manifest at {path}: run tools/mine_parts.py to completion first "
             "(the manifest is written after the last shard)") from None
+
+
+# ---------------------------------------------------------------- reading shards by byte span
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+# Top-level lists of a shard whose elements scan_shard locates (one element = one image / part / object).
+SPANNED_LISTS = ("images", "annotations", "objects")
+
+
+def scan_shard(path):
+    """Parse a shard once, also returning where each element of its SPANNED_LISTS lies in the file.
+
+    Returns ``(shard, spans)``: ``shard`` is what ``json.load`` gives, ``spans[key]`` an int64 array
+    [n, 2] of the byte (start, end) of element i of ``shard[key]``, so a reader can later decode one
+    image's records alone (:func:`read_span`) instead of the whole shard.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    # Stores are written ASCII-only (json's ensure_ascii); latin-1 keeps char offsets = byte offsets
+    # otherwise, and the elements holding text are then decoded again from their bytes.
+    ascii_only = data.isascii()
+    text = data.decode("ascii" if ascii_only else "latin-1")
+    shard, spans = {}, {}
+    try:
+        i = _expect(text, _WS.match(text, 0).end(), "{")
+        while text[i] != "}":
+            key, i = _DECODER.raw_decode(text, i)
+            i = _WS.match(text, _expect(text, _WS.match(text, i).end(), ":")).end()
+            if key in SPANNED_LISTS and text[i] == "[":
+                shard[key], spans[key], i = _scan_list(text, i)
+                if not ascii_only:
+                    shard[key] = [json.loads(data[s:e]) for s, e in spans[key]]
+            else:
+                start = i
+                value, i = _DECODER.raw_decode(text, i)
+                shard[key] = value if ascii_only else json.loads(data[start:i])
+            i = _WS.match(text, i).end()
+            if text[i] == ",":
+                i = _WS.match(text, i + 1).end()
+    except (IndexError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid store shard (JSON object expected): {e}") from None
+    for key in SPANNED_LISTS:
+        spans.setdefault(key, np.zeros((0, 2), np.int64))
+        shard.setdefault(key, [])
+    return shard, spans
+
+
+def _expect(text, i, char):
+    if text[i] != char:
+        raise ValueError(f"{char!r} expected at byte {i}, found {text[i]!r}")
+    return i + 1
+
+
+def _scan_list(text, i):
+    items, spans = [], []
+    i = _WS.match(text, i + 1).end()
+    while text[i] != "]":
+        obj, end = _DECODER.raw_decode(text, i)
+        items.append(obj)
+        spans.append((i, end))
+        i = _WS.match(text, end).end()
+        if text[i] == ",":
+            i = _WS.match(text, i + 1).end()
+        elif text[i] != "]":
+            raise ValueError(f"',' or ']' expected at byte {i}")
+    return items, np.asarray(spans, np.int64).reshape(-1, 2), i + 1
+
+
+def read_span(f, start, end):
+    """The list of the consecutive elements in bytes [start, end) of an open shard file (see scan_shard)."""
+    if end <= start:
+        return []
+    f.seek(start)
+    return json.loads(b"[" + f.read(end - start) + b"]")
