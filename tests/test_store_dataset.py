@@ -187,3 +187,39 @@ def test_trainer_resume_continues_the_data_stream(tmp_path, registered):
     assert full[2:4] != full[0:2]  # control: a stream restarted from its beginning would be seen
     state = torch.load(str(tmp_path / "killed" / "model_0000001.pth"), weights_only=False)
     assert "seed" in state["trainer"]["data_stream"]
+
+
+def _gloo_index_worker(rank, init_file, store, out_dir):
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        ds = StoreDataset(store, FILTERS, cache=rank == 0, collective=True)
+        np.save(os.path.join(out_dir, f"index{rank}.npy"), np.asarray(ds.index))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_build_the_one_process_index(tmp_path):
+    import multiprocessing
+
+    store = write_synthetic_store(str(tmp_path / "store"), 150, shard_size=16)
+    single = StoreDataset(store, FILTERS, cache=False).index
+    ctx = multiprocessing.get_context("spawn")  # no fork: the parent may hold torch/OpenMP threads
+    procs = [ctx.Process(target=_gloo_index_worker, args=(r, str(tmp_path / "pg"), store, str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        if p.is_alive():
+            p.terminate()
+            pytest.fail("a gloo worker hung")
+        assert p.exitcode == 0
+    for r in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"index{r}.npy"), single)
+    # The main rank cached it; a later build maps that file.
+    np.testing.assert_array_equal(StoreDataset(store, FILTERS).index, single)

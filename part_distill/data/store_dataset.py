@@ -41,12 +41,12 @@ class StoreDataset(torchdata.Dataset):
     """The filtered training dicts of one store (manifest.json or its directory), decoded on demand."""
 
     def __init__(self, manifest_path, filters=PseudoLabelFilters(), cluster_slots=0, part_labels=False,
-                 drop_empty=True, cache=True):
+                 drop_empty=True, cache=True, collective=False):
         """``cache``: keep the index in ``<store>/stream_index/`` (written by the main process), so the
         next run, rank or training round maps it instead of scanning every shard again.
 
-        Without a cached index the construction is collective when distributed (each rank scans its
-        share of the shards, the rows are gathered), as detectron2 builds train loaders on every rank.
+        ``collective``: every rank builds this dataset together (as detectron2 builds train loaders);
+        without a cached index each then scans its share of the shards and the rows are gathered.
         """
         manifest = read_manifest(manifest_path)
         if cluster_slots:
@@ -66,7 +66,7 @@ class StoreDataset(torchdata.Dataset):
             self.index = np.load(self.index_path, mmap_mode="r")
             logger.info("Streaming pseudo-labels %s: %d images (index %s)", self.root, len(self.index), self.index_path)
             return
-        self.index = self._scan(manifest, drop_empty)
+        self.index = self._scan(manifest, drop_empty, collective)
         if cache and comm.is_main_process():
             try:
                 with atomic_open(self.index_path, "wb") as f:
@@ -75,8 +75,8 @@ class StoreDataset(torchdata.Dataset):
                 logger.warning("could not cache the stream index of %s (%s): the next run scans it again",
                                self.root, e)
 
-    def _scan(self, manifest, drop_empty):
-        rank, world = comm.get_rank(), comm.get_world_size()
+    def _scan(self, manifest, drop_empty, collective):
+        rank, world = (comm.get_rank(), comm.get_world_size()) if collective else (0, 1)
         dropped, stats = {"small_object": 0, "small_part": 0, "large_part": 0}, [0, 0]
         mine = {s: self._index_shard(s, self.shard_paths[s], manifest, dropped, stats, drop_empty)
                 for s in range(rank, len(self.shard_paths), world)}
@@ -140,9 +140,10 @@ def is_store_dataset(name):
     return bool(getattr(MetadataCatalog.get(name), "pseudo_label_manifest", None))
 
 
-def build_store_train_set(names, drop_empty=True):
+def build_store_train_set(names, drop_empty=True, collective=False):
     """One map-style dataset streaming the stores behind ``names`` (concatenated in order), or None
-    when one of them is not a store (the caller then loads dicts as detectron2 does)."""
+    when one of them is not a store (the caller then loads dicts as detectron2 does).
+    ``collective``: called by every rank at once (see StoreDataset)."""
     if not names or not all(is_store_dataset(n) for n in names):
         return None
     parts = []
@@ -151,5 +152,6 @@ def build_store_train_set(names, drop_empty=True):
         parts.append(StoreDataset(meta.pseudo_label_manifest,
                                   PseudoLabelFilters(**meta.get("pseudo_label_filters", {})),
                                   meta.get("pseudo_label_cluster_slots", 0),
-                                  meta.get("pseudo_label_part_labels", False), drop_empty=drop_empty))
+                                  meta.get("pseudo_label_part_labels", False), drop_empty=drop_empty,
+                                  collective=collective))
     return parts[0] if len(parts) == 1 else torchdata.ConcatDataset(parts)

@@ -74,9 +74,12 @@ def measure_fit(cfg, model, dataset_name):
     n = cfg.PART_DISTILL.FIT.NUM_IMAGES
     if n <= 0 or not comm.is_main_process():
         return None
+    from ..data.store_dataset import build_store_train_set
     from ..evaluation.fit import fit_to_pseudo_labels
 
-    return fit_to_pseudo_labels(unwrap(model), cfg, DatasetCatalog.get(dataset_name), num_images=n)
+    # A store streams (the fit reads its first n images with parts); other datasets are lists.
+    dicts = build_store_train_set([dataset_name]) or DatasetCatalog.get(dataset_name)
+    return fit_to_pseudo_labels(unwrap(model), cfg, dicts, num_images=n)
 
 
 def evaluate_labels(cfg, labels_dir, output_dir):

@@ -68,7 +68,7 @@ def build_train_loader(cfg, mapper=None):
     """
     names = cfg.DATASETS.TRAIN
     filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-    dataset = build_store_train_set(names, drop_empty=filter_empty)
+    dataset = build_store_train_set(names, drop_empty=filter_empty, collective=True)
     if dataset is None:
         dataset = get_detection_dataset_dicts(names, filter_empty=filter_empty)
     elif len(dataset) == 0:
