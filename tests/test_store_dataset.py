@@ -123,6 +123,21 @@ def test_loader_resumes_at_the_batch_after_the_checkpoint(store, registered):
     assert full[5:8] != full[0:3]  # control: restarting from the first batch would be seen
 
 
+def test_map_with_retry_replaces_failed_images_and_keeps_no_index_set():
+    from part_distill.data.train_loader import MapWithRetry
+
+    data = list(range(50))
+    mapped = MapWithRetry(data, lambda x: None if x % 5 == 0 else x * 10)
+    assert [mapped[i] for i in (1, 2, 3)] == [10, 20, 30]
+    got = mapped[5]
+    # Another image instead of 5 (seeded: the same one again), and only failed indices are remembered.
+    assert got % 10 == 0 and (got // 10) % 5 != 0 and got // 10 in data
+    assert 5 in mapped._failed and all(i % 5 == 0 for i in mapped._failed)
+    assert MapWithRetry(data, lambda x: None if x % 5 == 0 else x * 10)[5] == got
+    with pytest.raises(RuntimeError, match="every one of the 3"):
+        MapWithRetry([0, 1, 2], lambda x: None)[0]
+
+
 # ---------------------------------------------------------------- the trainer's resume
 class _RecordBatches(HookBase):
     """Records the image ids of every batch the trainer draws (wraps its loader iterator)."""
@@ -203,6 +218,7 @@ def _gloo_index_worker(rank, init_file, store, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned interpreters import torch and detectron2
 def test_two_gloo_ranks_build_the_one_process_index(tmp_path):
     import multiprocessing
 

@@ -15,7 +15,7 @@ from detectron2.data.samplers import TrainingSampler
 
 __all__ = ["ResumableTrainingSampler"]
 
-_CHUNK = 1 << 16
+_CHUNK = 4096
 
 
 class ResumableTrainingSampler(TrainingSampler):

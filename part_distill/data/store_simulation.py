@@ -25,7 +25,8 @@ import numpy as np
 
 from ..mining.miner import records_to_shard
 from ..mining.object_sources import MinedObject
-from ..mining.store import OBJECT_STRIDE, PART_STRIDE, PartStore, config_hash, read_manifest
+from ..mining.store import (OBJECT_STRIDE, PART_STRIDE, PartStore, add_counts, config_hash, empty_counts,
+                            read_manifest)
 
 __all__ = ["write_synthetic_store", "measure_train_loader"]
 
@@ -125,8 +126,6 @@ def write_synthetic_store(root, num_images, shard_size=256, image_size=32, num_v
 
 
 def _add(total, counts):
-    from ..mining.store import add_counts, empty_counts
-
     return add_counts(total if total is not None else empty_counts(), counts)
 
 
@@ -151,8 +150,8 @@ def _measure(manifest_path, num_batches, batch_size, image_size, num_workers, st
     from ..data.mappers import build_dataset_mapper
     from ..data.pseudo_labels import PseudoLabelFilters, register_pseudo_labels
     from ..data.samplers import ResumableTrainingSampler
+    from ..data.train_loader import build_train_loader
     from ..engine.setup import build_cfg
-    from ..engine.trainer import build_train_loader
 
     name = "simulated_store"
     register_pseudo_labels(name, manifest_path, PseudoLabelFilters())

@@ -5,19 +5,17 @@ import logging
 import os
 
 import torch
-from detectron2.data import (MetadataCatalog, build_detection_test_loader, build_detection_train_loader,
-                             get_detection_dataset_dicts)
+from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
-from ..data.mappers import InstanceLSJMapper, build_dataset_mapper
-from ..data.samplers import ResumableTrainingSampler
-from ..data.store_dataset import build_store_train_set
+from ..data.mappers import InstanceLSJMapper
+from ..data.train_loader import build_train_loader
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PartDistillTrainer", "build_optimizer", "full_model_clip_optimizer", "build_train_loader"]
+__all__ = ["PartDistillTrainer", "build_optimizer", "full_model_clip_optimizer"]
 
 OPTIMIZERS = {"ADAMW": torch.optim.AdamW, "SGD": torch.optim.SGD}
 
@@ -56,31 +54,6 @@ def build_optimizer(cfg, model):
         cls = maybe_add_gradient_clipping(cfg, cls)
     kwargs = {"momentum": s.MOMENTUM, "nesterov": s.NESTEROV} if s.OPTIMIZER == "SGD" else {}
     return cls(params, lr=s.BASE_LR, **kwargs)
-
-
-def build_train_loader(cfg, mapper=None):
-    """detectron2's train loader over DATASETS.TRAIN, streaming part stores and resumable.
-
-    Part stores (names registered by register_pseudo_labels) are read through StoreDataset, whose
-    memory does not grow with the store; other datasets load their dicts as detectron2 does. With
-    DATALOADER.SAMPLER_TRAIN "TrainingSampler" the sampler is a ResumableTrainingSampler (same
-    stream as detectron2's), reachable as ``loader.stream_sampler`` for the trainer's resume.
-    """
-    names = cfg.DATASETS.TRAIN
-    filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-    dataset = build_store_train_set(names, drop_empty=filter_empty, collective=True)
-    if dataset is None:
-        dataset = get_detection_dataset_dicts(names, filter_empty=filter_empty)
-    elif len(dataset) == 0:
-        raise ValueError(f"no training image of {list(names)} keeps a part after the DATASETS.PSEUDO_LABELS "
-                         "filters (and DATALOADER.FILTER_EMPTY_ANNOTATIONS)")
-    sampler = None
-    if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
-        sampler = ResumableTrainingSampler(len(dataset))
-    loader = build_detection_train_loader(cfg, mapper=mapper or build_dataset_mapper(cfg, is_train=True),
-                                          dataset=dataset, sampler=sampler)
-    loader.stream_sampler = sampler
-    return loader
 
 
 class PartDistillTrainer(DefaultTrainer):
