@@ -4,6 +4,7 @@ Layout of ``MINING.OUTPUT_DIR``::
 
     run.json                    config subset + inputs + their hash, written before any shard
     shards/shard_00000.json     images [c*SHARD_SIZE, (c+1)*SHARD_SIZE) of the mined image list
+    summaries/shard_00000.json  its config hash, image / part numbers and counts (for the manifest)
     manifest.json               run.json + code version + shard list + summed counts (written last)
     stream_index/               cached byte-offset indexes of training readers (data/store_dataset.py)
 
@@ -46,6 +47,7 @@ __all__ = [
     "add_counts",
     "scan_shard",
     "read_span",
+    "shard_summary",
 ]
 
 FORMAT_VERSION = 1
@@ -103,6 +105,7 @@ class PartStore:
     RUN = "run.json"
     MANIFEST = "manifest.json"
     SHARDS = "shards"
+    SUMMARIES = "summaries"
     STREAM_INDEX = "stream_index"
 
     def __init__(self, output_dir):
@@ -161,8 +164,9 @@ class PartStore:
         """Main process only: clear the store if ``overwrite``, then stamp it with ``run_info``."""
         if overwrite:
             shutil.rmtree(os.path.join(self.root, self.SHARDS), ignore_errors=True)
-            # Readers' caches of the old shards (data/store_dataset.py).
-            shutil.rmtree(os.path.join(self.root, self.STREAM_INDEX), ignore_errors=True)
+            # The old shards' summaries and readers' caches (data/store_dataset.py).
+            for d in (self.SUMMARIES, self.STREAM_INDEX):
+                shutil.rmtree(os.path.join(self.root, d), ignore_errors=True)
             for name in (self.RUN, self.MANIFEST):
                 if os.path.exists(os.path.join(self.root, name)):
                     os.unlink(os.path.join(self.root, name))
@@ -171,8 +175,22 @@ class PartStore:
             atomic_write_json(os.path.join(self.root, self.RUN), run_info, indent=1, sort_keys=True)
 
     # ------------------------------------------------------------ shards
+    def summary_path(self, chunk):
+        return os.path.join(self.root, self.SUMMARIES, self.shard_name(chunk))
+
     def write_shard(self, chunk, shard):
         atomic_write_json(self.shard_path(chunk), shard, **_JSON)
+        # What the manifest needs of the shard, so writing it never re-reads the shards (terabytes at
+        # ImageNet scale). Written second: a shard without one (killed in between, older stores) is read.
+        atomic_write_json(self.summary_path(chunk), shard_summary(shard), **_JSON)
+
+    def read_summary(self, chunk):
+        """:func:`shard_summary` of a shard on disk, from its summary file (or the shard when it has none)."""
+        try:
+            with open(self.summary_path(chunk)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return shard_summary(self.read_shard(chunk))
 
     def read_shard(self, chunk_or_name):
         name = chunk_or_name if isinstance(chunk_or_name, str) else self.shard_name(chunk_or_name)
@@ -186,16 +204,22 @@ class PartStore:
             raise RuntimeError(f"cannot write the manifest of {self.root}: shards {missing[:10]} are missing")
         counts, shards = empty_counts(), []
         for c in range(num_chunks):
-            shard = self.read_shard(c)
-            if shard["info"]["config_hash"] != run_info["config_hash"]:
+            summary = self.read_summary(c)
+            if summary["config_hash"] != run_info["config_hash"]:
                 raise ConfigMismatchError(f"{self.shard_path(c)} was mined with another configuration")
-            add_counts(counts, shard["counts"])
+            add_counts(counts, summary["counts"])
             shards.append({"file": os.path.join(self.SHARDS, self.shard_name(c)),
-                           "images": len(shard["images"]), "parts": len(shard["annotations"])})
+                           "images": summary["images"], "parts": summary["parts"]})
         manifest = dict(run_info, format_version=FORMAT_VERSION, code_version=code_version(),
                         shards=shards, counts=counts)
         atomic_write_json(os.path.join(self.root, self.MANIFEST), manifest, indent=1, sort_keys=True)
         return manifest
+
+
+def shard_summary(shard):
+    """The part of a shard its manifest entry needs: config hash, image and part numbers, counts."""
+    return {"config_hash": shard["info"]["config_hash"], "images": len(shard["images"]),
+            "parts": len(shard["annotations"]), "counts": shard["counts"]}
 
 
 def finish_store(store, run_info, num_chunks, what="Part store"):
