@@ -50,6 +50,7 @@ def _audit(args):
         ("ratings_80k", lambda: a.audit_ratings(os.path.join(root, "ratings.db"), 80000)),
         ("collages_traced", lambda: a.audit_collages(os.path.join(root, "collages_small"), 20, trace=True)),
         ("collages", lambda: a.audit_collages(os.path.join(root, "collages"), args.collage_classes)),
+        ("manifest_summaries", lambda: a.audit_manifest_summaries(os.path.dirname(_loader_store(args, 100000)))),
         ("manifest", lambda: a.audit_manifest(os.path.join(root, f"manifest_{args.shards}"), args.shards,
                                               trace=args.shards <= 20000)),
     ]
@@ -63,11 +64,15 @@ def _audit(args):
     return rows
 
 
+def _loader_store(args, n):
+    return write_synthetic_store(os.path.join(args.root, f"store_{n}"), n)
+
+
 def _loader(args):
     rows = []
     for n in args.sizes:
         t0 = time.perf_counter()
-        manifest = write_synthetic_store(os.path.join(args.root, f"store_{n}"), n)
+        manifest = _loader_store(args, n)
         gen = time.perf_counter() - t0
         for stream in (True, False) if args.list else (True,):
             # Twice for the stream: the first run scans the shards, the second maps the cached index.
