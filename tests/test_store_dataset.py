@@ -239,3 +239,18 @@ def test_two_gloo_ranks_build_the_one_process_index(tmp_path):
         np.testing.assert_array_equal(np.load(tmp_path / f"index{r}.npy"), single)
     # The main rank cached it; a later build maps that file.
     np.testing.assert_array_equal(StoreDataset(store, FILTERS).index, single)
+
+
+def test_non_ascii_shard_decodes_by_byte_spans(tmp_path):
+    import json
+
+    store = write_synthetic_store(str(tmp_path / "store"), 20, shard_size=10)
+    path = tmp_path / "store" / "shards" / "shard_00000.json"
+    shard = json.loads(path.read_text())
+    for img in shard["images"]:
+        img["file_name"] = img["file_name"].replace("synthetic_", "s\u00e9q_\u4e2d_")
+    # Written as UTF-8 with multi-byte characters: byte offsets differ from character offsets.
+    path.write_text(json.dumps(shard, ensure_ascii=False, indent=1), encoding="utf-8")
+    ds = StoreDataset(store, FILTERS, cache=False, drop_empty=False)
+    assert [ds[i] for i in range(len(ds))] == load_pseudo_labels(store, FILTERS)
+    assert "\u4e2d" in ds[0]["file_name"]

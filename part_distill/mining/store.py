@@ -273,7 +273,7 @@ def scan_shard(path):
     text = data.decode("ascii" if ascii_only else "latin-1")
     shard, spans = {}, {}
     try:
-        i = _expect(text, _WS.match(text, 0).end(), "{")
+        i = _WS.match(text, _expect(text, _WS.match(text, 0).end(), "{")).end()
         while text[i] != "}":
             key, i = _DECODER.raw_decode(text, i)
             i = _WS.match(text, _expect(text, _WS.match(text, i).end(), ":")).end()
