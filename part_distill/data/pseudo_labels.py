@@ -7,6 +7,10 @@ single class "part" (category_id 0), each keeping ``object_id`` / ``object_categ
 setting: objects smaller than MIN_OBJECT_AREA_RATIO of the image lose all their parts, parts
 smaller than MIN_PART_AREA_RATIO or larger than MAX_PART_AREA_RATIO of their object are dropped.
 Images left without parts are kept (detectron2's FILTER_EMPTY_ANNOTATIONS decides).
+
+``load_pseudo_labels`` returns one list holding the whole store; training instead streams a
+registered store through ``store_dataset.StoreDataset`` (same dicts, memory independent of the
+store's size), which the metadata set by ``register_pseudo_labels`` tells it how to read.
 """
 import logging
 import os
