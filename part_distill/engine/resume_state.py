@@ -4,9 +4,10 @@ uninterrupted one: the position in the sample stream and the random-number gener
 detectron2 restarts the data stream at its first sample on a resume (the first iterations' images
 are seen again) and does not save the RNGs. Here:
 
-* :class:`ResumableTrainingSampler` is detectron2's ``TrainingSampler`` that can start after the
-  samples the finished iterations consumed (``skip``); exact when every batch takes IMS_PER_BATCH
-  consecutive samples of the stream (one aspect-ratio group, e.g. square images), close otherwise;
+* :class:`~part_distill.data.samplers.ResumableTrainingSampler` is detectron2's ``TrainingSampler``
+  that starts after the samples the finished iterations consumed (the trainer sets ``start``); exact
+  when every batch takes IMS_PER_BATCH consecutive samples of the stream (one aspect-ratio group,
+  e.g. square images), close otherwise;
 * :class:`RNGState` saves the torch / numpy / python RNG states in each checkpoint and, on a
   single-process resume with ``DATALOADER.NUM_WORKERS 0`` (where the augmentations draw from these
   generators), restores them just before the first resumed step (:class:`RestoreRNGHook`); with a
@@ -18,36 +19,17 @@ are seen again) and does not save the RNGs. Here:
 So a single-process, NUM_WORKERS 0, fixed-SEED run killed anywhere and resumed ends with the
 weights of the uninterrupted run (tests/test_kill_resume.py checks this bit for bit).
 """
-import itertools
 import logging
 import random
 
 import numpy as np
 import torch
-from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["ResumableTrainingSampler", "RNGState", "RestoreRNGHook"]
+__all__ = ["RNGState", "RestoreRNGHook"]
 
 logger = logging.getLogger(__name__)
-
-
-class ResumableTrainingSampler(TrainingSampler):
-    """``TrainingSampler`` whose stream can start after the first ``skip(n)`` samples of this rank."""
-
-    def __init__(self, size, shuffle=True, seed=None):
-        super().__init__(size, shuffle=shuffle, seed=seed)
-        self._skipped = 0
-
-    def skip(self, samples_per_rank):
-        """Start (the next ``iter``) after ``samples_per_rank`` samples of this rank's share."""
-        self._skipped = int(samples_per_rank)
-
-    def __iter__(self):
-        # Rank r takes every world-th sample of the shared stream from position r.
-        start = self._rank + self._skipped * self._world_size
-        yield from itertools.islice(self._infinite_indices(), start, None, self._world_size)
 
 
 class RNGState:

@@ -25,7 +25,7 @@ from detectron2.utils import comm
 
 from ..config import num_object_classes
 from ..data.fingerprint import CHECKPOINT_KEY, check_sources, source_fingerprints
-from ..data.pseudo_labels import PART_LABEL_KEY, PseudoLabelFilters, load_pseudo_labels
+from ..data.pseudo_labels import PART_LABEL_KEY, PseudoLabelFilters, load_pseudo_labels, register_pseudo_labels
 from ..mining.store import code_version, config_hash, read_manifest
 from ..utils.io import DamagedFileError, atomic_open, atomic_write_json, read_json
 from .part_labels import (PartLabelFilters, build_label_mapper, check_label_config, dataset_inputs, file_sha256,
@@ -76,9 +76,12 @@ def measure_fit(cfg, model, dataset_name):
     n = cfg.PART_DISTILL.FIT.NUM_IMAGES
     if n <= 0 or not comm.is_main_process():
         return None
+    from ..data.store_dataset import build_store_train_set
     from ..evaluation.fit import fit_to_pseudo_labels
 
-    return fit_to_pseudo_labels(unwrap(model), cfg, DatasetCatalog.get(dataset_name), num_images=n)
+    # A store streams (the fit reads its first n images with parts); other datasets are lists.
+    dicts = build_store_train_set([dataset_name]) or DatasetCatalog.get(dataset_name)
+    return fit_to_pseudo_labels(unwrap(model), cfg, dicts, num_images=n)
 
 
 def evaluate_labels(cfg, labels_dir, output_dir):
@@ -133,35 +136,13 @@ class EMAHook(HookBase):
 
 # ---------------------------------------------------------------- labels as a training set
 def load_labelled_parts(manifest_path, filters):
-    """The pseudo-label dicts of a label store with each part's ``part_label`` (stage 4) kept.
-
-    ``load_pseudo_labels`` applies the area filters and keeps part ids; the label field is joined
-    back by part id from the shards.
-    """
-    dicts = load_pseudo_labels(manifest_path, filters)
-    manifest = read_manifest(manifest_path)
-    root = manifest_path if os.path.isdir(manifest_path) else os.path.dirname(manifest_path)
-    labels = {}
-    for entry in manifest["shards"]:
-        for a in read_json(os.path.join(root, entry["file"]), "label shard")["annotations"]:
-            if PART_LABEL_KEY in a:
-                labels[a["id"]] = a[PART_LABEL_KEY]
-    if labels:
-        for d in dicts:
-            for a in d["annotations"]:
-                a[PART_LABEL_KEY] = labels[a["id"]]
-    return dicts
+    """The pseudo-label dicts of a label store with each part's ``part_label`` (stage 4) kept."""
+    return load_pseudo_labels(manifest_path, filters, part_labels=True)
 
 
 def register_labelled_parts(name, manifest_path, filters):
-    from detectron2.data import MetadataCatalog
-
-    path = os.path.abspath(manifest_path)
-    DatasetCatalog.pop(name, None)
-    MetadataCatalog.pop(name, None)
-    DatasetCatalog.register(name, lambda: load_labelled_parts(path, filters))
-    MetadataCatalog.get(name).set(thing_classes=["part"], pseudo_label_manifest=path)
-    return name
+    """Register a label store as a training set; the trainer streams it (data/store_dataset.py)."""
+    return register_pseudo_labels(name, manifest_path, filters, part_labels=True)
 
 
 # ---------------------------------------------------------------- rounds

@@ -11,8 +11,7 @@ import logging
 import os
 
 import torch
-from detectron2.data import (MetadataCatalog, build_detection_test_loader, build_detection_train_loader,
-                             get_detection_dataset_dicts)
+from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.engine.hooks import PeriodicCheckpointer
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
@@ -23,7 +22,8 @@ from detectron2.utils.logger import setup_logger
 
 from ..data.fingerprint import CHECKPOINT_KEY, check_resume, checkpoint_fingerprints
 from ..data.mappers import InstanceLSJMapper, build_dataset_mapper
-from .resume_state import RestoreRNGHook, ResumableTrainingSampler, RNGState
+from ..data.train_loader import build_train_loader
+from .resume_state import RestoreRNGHook, RNGState
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class PartDistillTrainer(DefaultTrainer):
         # Every checkpoint (periodic, final) records the data it was trained on; resume checks it.
         self.checkpointer.metadata = {CHECKPOINT_KEY: checkpoint_fingerprints(cfg.DATASETS.TRAIN)}
         # Exact resumes (engine/resume_state.py): the sample-stream position and the RNGs.
-        self.sampler = getattr(data_loader, "resumable_sampler", None)
+        self.sampler = getattr(data_loader, "stream_sampler", None)
         self.rng_state = RNGState()
         self.checkpointer.add_checkpointable("rng", self.rng_state)
         self.start_iter = 0
@@ -187,7 +187,11 @@ class PartDistillTrainer(DefaultTrainer):
         # A checkpoint stores the iteration that had finished.
         self.start_iter = self.iter + 1
         if self.sampler is not None:
-            self.sampler.skip(self.start_iter * (self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()))
+            if self._trainer._data_loader_iter_obj is not None:
+                logger.warning("the train loader is already iterating: its stream cannot move to iteration %d",
+                               self.start_iter)
+            # The global stream position after the samples the finished iterations consumed.
+            self.sampler.start = self.start_iter * self.cfg.SOLVER.IMS_PER_BATCH
         final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
         if self.start_iter >= self.max_iter and not os.path.isfile(final) and comm.is_main_process():
             # Killed between the last periodic save and the final one: train() will not run to write it.
@@ -197,17 +201,7 @@ class PartDistillTrainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         mapper = build_dataset_mapper(cfg, is_train=True)
-        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
-            return _counting_skips(build_detection_train_loader(cfg, mapper=mapper), mapper)
-        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-        # cfg.SEED fixes the sample order (detectron2 draws a fresh seed when it is None) and the
-        # loader's own generator, so making its iterator draws nothing from the global RNG.
-        fixed = cfg.SEED >= 0
-        sampler = ResumableTrainingSampler(len(dataset), seed=cfg.SEED if fixed else None)
-        loader = build_detection_train_loader(cfg, mapper=mapper, dataset=dataset, sampler=sampler,
-                                              seed=cfg.SEED + comm.get_rank() if fixed else None)
-        loader.resumable_sampler = sampler
-        return _counting_skips(loader, mapper)
+        return _counting_skips(build_train_loader(cfg, mapper), mapper)
 
     def build_hooks(self):
         ret = super().build_hooks()
@@ -217,6 +211,23 @@ class PartDistillTrainer(DefaultTrainer):
             at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret))
             ret.insert(at, SkippedImagesHook(counter))
         return ret
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if self.sampler is not None:
+            # The seed a resumed run needs to continue the same shuffle (it may be a random draw).
+            ret["data_stream"] = {"seed": self.sampler.seed}
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.sampler is None:
+            return
+        if "data_stream" in state_dict:
+            self.sampler.seed = state_dict["data_stream"]["seed"]
+        else:
+            logger.warning("checkpoint without a data-stream seed (older part_distill): the resumed run "
+                           "draws a new shuffle")
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
