@@ -95,10 +95,16 @@ def leftover_temps(root):
     return out
 
 
+# Readers' caches inside a store (data/store_dataset.py): derived data, written by whoever trains on it.
+DERIVED_DIRS = ("stream_index",)
+
+
 def tree_bytes(root, ignore=()):
-    """{relative path: bytes} of every file under ``root`` except names in ``ignore``."""
+    """{relative path: bytes} of every file under ``root`` except names in ``ignore`` and readers'
+    caches (``DERIVED_DIRS``)."""
     out = {}
-    for d, _, names in os.walk(root):
+    for d, dirs, names in os.walk(root):
+        dirs[:] = [x for x in dirs if x not in DERIVED_DIRS]
         for n in names:
             if n in ignore:
                 continue

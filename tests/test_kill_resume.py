@@ -189,9 +189,16 @@ def _kill_then_finish(job, out, *args, kill_at=None, kill_after_s=None, ckpt_sub
 
 
 # ---------------------------------------------------------------- mining
+def _store_writes(prefix, num_shards):
+    """A store's writes in order: run.json, each shard then its summary (what the manifest sums),
+    the manifest last."""
+    per_shard = [f"{d}/shard_{c:05d}.json" for c in range(num_shards) for d in ("shards", "summaries")]
+    return [os.path.join(prefix, n) for n in ["run.json"] + per_shard + ["manifest.json"]]
+
+
 def test_mining_writes_are_traced(mined):
     names = [os.path.relpath(p, mined["dir"]) for p in mined["writes"]]
-    assert names == ["run.json"] + [f"shards/shard_{c:05d}.json" for c in range(SETTINGS.num_train)] + ["manifest.json"]
+    assert names == _store_writes("", SETTINGS.num_train)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -213,7 +220,7 @@ def test_mining_killed_after_random_delay_resumes_byte_identical(world, mined):
 
 def test_kill_mid_write_leaves_a_temp_file_that_the_rerun_removes(world, mined):
     out = world["tmp"] / "mine_temp"
-    assert run_in_child(mining_job, str(out), kill_at="3@0.5") == KILLED
+    assert run_in_child(mining_job, str(out), kill_at="4@0.5") == KILLED  # write 4: shard 1 (after run.json, shard 0, its summary)
     temps = leftover_temps(out)
     assert [os.path.basename(os.path.dirname(p)) for p in temps] == ["shards"]
     assert os.path.basename(temps[0]).startswith(".shard_00001.json.")
@@ -297,8 +304,7 @@ def _check_finished_round(out, ref, same_weights=False):
 def test_self_train_writes_are_traced(self_trained):
     names = [os.path.relpath(p, self_trained["dir"] / "round_0") for p in self_trained["writes"]]
     n = SETTINGS.num_train
-    assert names[: n + 2] == ["labels/run.json"] + [f"labels/shards/shard_{c:05d}.json" for c in range(n)] \
-        + ["labels/manifest.json"]
+    assert names[: 2 * n + 2] == _store_writes("labels", n)
     numbered = [f"model_{i:07d}.pth" for i in range(ITERS)]  # period 1; the last one is also saved as final
     assert [x for x in names if x.startswith("model_")] == numbered + ["model_final.pth", "model_ema.pth"]
     assert names[-1] == "round.json"
@@ -306,8 +312,7 @@ def test_self_train_writes_are_traced(self_trained):
 
 def test_self_train_labelling_killed_anywhere_resumes_byte_identical(world, labelled, self_trained):
     n = SETTINGS.num_train
-    assert [os.path.relpath(p, labelled["dir"]) for p in labelled["writes"]] == \
-        ["labels/run.json"] + [f"labels/shards/shard_{c:05d}.json" for c in range(n)] + ["labels/manifest.json"]
+    assert [os.path.relpath(p, labelled["dir"]) for p in labelled["writes"]] == _store_writes("labels", n)
     ref = tree_bytes(labelled["dir"] / "labels")
     assert json.loads(ref["manifest.json"])["counts"]["parts"] > 0
     # The labels of a whole self-training round are these ones.

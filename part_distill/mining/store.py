@@ -28,6 +28,7 @@ complete files plus at most a temp file per writer. ``start_run`` deletes those 
 shard that does not parse or is not the shard it claims to be (named in a warning), so the rerun
 re-makes it; a shard of another configuration is refused (``ConfigMismatchError``), never mixed in.
 """
+import contextlib
 import json
 import logging
 import os
@@ -183,8 +184,8 @@ class PartStore:
                 if os.path.exists(os.path.join(self.root, name)):
                     os.unlink(os.path.join(self.root, name))
         os.makedirs(os.path.join(self.root, self.SHARDS), exist_ok=True)
-        remove_stale_temps(self.root)
-        remove_stale_temps(os.path.join(self.root, self.SHARDS))
+        for d in ("", self.SHARDS, self.SUMMARIES):
+            remove_stale_temps(os.path.join(self.root, d))
         self.remove_damaged_shards(run_info)
         try:
             stamped = self.read_run() is not None
@@ -194,8 +195,8 @@ class PartStore:
             atomic_write_json(os.path.join(self.root, self.RUN), run_info, indent=1, sort_keys=True)
 
     def remove_damaged_shards(self, run_info):
-        """Delete (and name) the shards that do not parse or hold another chunk, so they are re-made;
-        returns their names. A complete shard of another configuration raises ConfigMismatchError."""
+        """Delete (and name) the shards that do not parse or hold another chunk, so they are re-made, and
+        write the summary a complete shard lacks; returns the deleted names. A complete shard of another configuration raises ConfigMismatchError."""
         removed = []
         for name in self.existing_shards():
             path = os.path.join(self.root, self.SHARDS, name)
@@ -213,8 +214,13 @@ class PartStore:
                 raise ConfigMismatchError(f"{path} was made with another configuration (hash "
                                           f"{info.get('config_hash')} vs {run_info['config_hash']}); "
                                           "use a new output directory or pass --overwrite")
+            if ok and not os.path.isfile(os.path.join(self.root, self.SUMMARIES, name)):
+                # Killed between the shard and its summary: the rerun skips the shard, so write it here.
+                atomic_write_json(os.path.join(self.root, self.SUMMARIES, name), shard_summary(shard), **_JSON)
             if not ok:
                 os.unlink(path)
+                with contextlib.suppress(FileNotFoundError):  # its summary describes the lost shard
+                    os.unlink(os.path.join(self.root, self.SUMMARIES, name))
                 removed.append(name)
         return removed
 
@@ -233,7 +239,7 @@ class PartStore:
         try:
             with open(self.summary_path(chunk)) as f:
                 return json.load(f)
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError):  # none yet, or damaged: the shard itself is the truth
             return shard_summary(self.read_shard(chunk))
 
     def read_shard(self, chunk_or_name):
