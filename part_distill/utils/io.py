@@ -1,8 +1,11 @@
 """Atomic writes: a crash leaves either the old file or the new one, never a truncated file."""
 import contextlib
 import json
+import logging
 import os
 import tempfile
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -38,3 +41,20 @@ def atomic_write_bytes(path, data):
     """Write ``data`` (bytes) to ``path`` atomically."""
     with atomic_open(path, "wb") as f:
         f.write(data)
+
+
+def remove_stale_temp_files(directory):
+    """Delete the temp files ``atomic_open`` left in ``directory`` when a process was killed mid-write.
+
+    Call it only where no other process is writing into ``directory`` at the time (e.g. on the main
+    process before a barrier). Returns the number removed.
+    """
+    if not os.path.isdir(directory):
+        return 0
+    stale = [n for n in os.listdir(directory) if n.startswith(".") and n.endswith(".tmp")]
+    for name in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name))
+    if stale:
+        logger.info("Removed %d temp files a killed run left in %s", len(stale), directory)
+    return len(stale)
