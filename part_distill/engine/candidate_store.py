@@ -26,7 +26,7 @@ import numpy as np
 from ..mining.store import ConfigMismatchError
 from ..utils.io import atomic_open, atomic_write_json, remove_stale_temp_files
 
-__all__ = ["CandidateStore", "record_dtype", "FEATURE_DTYPES"]
+__all__ = ["CandidateStore", "record_dtype", "write_candidate_chunks", "FEATURE_DTYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -206,3 +206,37 @@ class CandidateStore:
     def read_manifest(self):
         with open(os.path.join(self.root, self.MANIFEST)) as f:
             return json.load(f)
+
+
+# Test hook: called with the number of chunks this process has written after each one.
+_after_chunk_hook = None
+
+
+def write_candidate_chunks(store, run_info, num_chunks, produce, num_classes):
+    """Collective, resumable write of chunks 0..num_chunks-1; call on all ranks.
+
+    ``produce(c) -> (features [n, D], classes [n], weights [n], keys [n, 3])`` computes chunk c;
+    rank r makes the chunks c % world_size == r that are not already sound on disk. Rank 0 then
+    writes the manifest. Returns the manifest (every rank).
+    """
+    from detectron2.utils import comm
+
+    rank, world = comm.get_rank(), comm.get_world_size()
+    store.check_run(run_info)
+    comm.synchronize()
+    if comm.is_main_process():
+        store.start_run(run_info)
+    comm.synchronize()
+    todo = [c for c in range(rank, num_chunks, world) if not store.has_chunk(c, run_info["config_hash"])]
+    if todo:
+        logger.info("Ranking candidates: rank %d collects %d of its %d chunks", rank, len(todo),
+                    len(range(rank, num_chunks, world)))
+    for n_done, c in enumerate(todo, 1):
+        store.write_chunk(c, *produce(c), run_info["config_hash"], num_classes)
+        if _after_chunk_hook is not None:
+            _after_chunk_hook(n_done)
+    comm.synchronize()
+    if comm.is_main_process():
+        store.write_manifest(run_info, num_chunks, num_classes)
+    comm.synchronize()
+    return store.read_manifest()
