@@ -126,8 +126,9 @@ def _sample_bucket(store, ranges, classes, counts, cap, seed):
 def _fit_bucket_kmeans(rows, k, seed, metric, max_iter):
     """Weighted k-means of every class in ``rows`` (sorted by class, key), in padded batches.
 
-    Returns {class: centers [k', D]}; a class whose positive-weight candidates number n < k gets
-    k' = n, one with none gets nothing.
+    Returns {class: (centers [k', D], cluster sizes [k'] of its rows)}; a class whose positive-weight
+    candidates number n < k gets k' = n, one with none gets nothing. The sizes are the final E-step's,
+    i.e. every row's nearest prototype.
     """
     cls = rows["cls"]
     start = np.flatnonzero(np.r_[True, cls[1:] != cls[:-1]])
@@ -158,13 +159,15 @@ def _fit_bucket_kmeans(rows, k, seed, metric, max_iter):
         res = batched_kmeans(x, lengths, k=k_eff, metric=metric, max_iter=max_iter, tol=1e-4, weights=w,
                              instance_seeds=[seed + g[2] for g in batch])
         for i, g in enumerate(batch):
-            out[g[2]] = res.centers[i].numpy()
+            lab = res.labels[i, :g[1]]
+            out[g[2]] = (res.centers[i].numpy(), torch.bincount(lab[lab >= 0], minlength=k_eff).numpy())
         b = e
     return out
 
 
 def _cluster_sizes(store, ranges, classes, centers, k):
-    """Streamed assignment of every candidate of a bucket to its class's nearest prototype -> [m, k] counts."""
+    """Streamed assignment of every candidate of ``classes`` in a bucket to its class's nearest prototype
+    -> [m, k] counts (run for the classes fitted on a sample; the others' sizes come with their fit)."""
     m = len(classes)
     sizes = np.zeros((m, k), np.int64)
     if not m:
@@ -186,6 +189,14 @@ def _cluster_sizes(store, ranges, classes, centers, k):
             d = ((x[:, None, :] - cc) ** 2).sum(-1)
             np.add.at(sizes, (pi.numpy(), d.argmin(1).numpy()), 1)
     return sizes
+
+
+def _save_npz(f, **arrays):
+    """np.savez with fixed zip timestamps: the same arrays always give the same bytes."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for name, a in arrays.items():
+            with z.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as out:
+                np.lib.format.write_array(out, np.asanyarray(a), allow_pickle=False)
 
 
 def _bucket_path(proto_dir, b):
@@ -252,13 +263,17 @@ def fit_store_prototypes(store, num_chunks, num_classes, k, output_dir, seed=0, 
             fitted = _fit_bucket_kmeans(rows, k, seed, metric, max_iter) if rows is not None else {}
         fc = np.array(sorted(fitted), np.int64)
         centers = np.full((len(fc), k, dim), np.inf, np.float32)
+        sizes = np.zeros((len(fc), k), np.int64)
         for i, c in enumerate(fc.tolist()):
-            centers[i, :len(fitted[c])] = fitted[c]
-        sizes = _cluster_sizes(store, bucket_ranges, fc, centers, k)
+            centers[i, :len(fitted[c][0])] = fitted[c][0]
+            sizes[i, :len(fitted[c][1])] = fitted[c][1]
         sampled = np.array([min(counts[c], max_samples) if max_samples > 0 else counts[c] for c in fc], np.int64)
+        part = np.flatnonzero(sampled < np.asarray([counts[c] for c in fc.tolist()], np.int64))
+        if len(part):
+            sizes[part] = _cluster_sizes(store, bucket_ranges, fc[part], centers[part], k)
         with atomic_open(_bucket_path(proto_dir, b), "wb") as f:
-            np.savez(f, config_hash=np.array(fit_hash), classes=fc, centers=centers,
-                     num_centers=np.array([len(fitted[c]) for c in fc.tolist()], np.int64),
+            _save_npz(f, config_hash=np.array(fit_hash), classes=fc, centers=centers,
+                     num_centers=np.array([len(fitted[c][0]) for c in fc.tolist()], np.int64),
                      sampled=sampled, cluster_sizes=sizes)
         if _after_bucket_hook is not None:
             _after_bucket_hook(n_done)
@@ -310,7 +325,7 @@ def fit_prototypes_distributed(
     metric="l2",
     max_iter=100,
     max_samples=0,
-    num_buckets=256,
+    num_buckets=64,
     feature_dtype="float16",
 ):
     """In-memory front end of :func:`fit_store_prototypes`: each rank hands in its own candidates.
