@@ -343,3 +343,23 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_files(tmp_path):
     assert not [n for n in got if os.path.basename(n).endswith(".tmp")]
     assert sorted(got) == sorted(ref)
     assert [n for n in got if got[n] != ref[n]] == []
+
+
+def test_chunk_without_candidates_is_fine(tmp_path):
+    """Images without any candidate give an empty chunk; the fit equals the one without that chunk."""
+    from part_distill.engine.candidate_store import CandidateStore, write_candidate_chunks
+    from part_distill.engine.ranking import fit_store_prototypes
+    from part_distill.mining.store import config_hash
+
+    feats, classes, _, keys = _synthetic_candidates(n_per_cluster=6)
+    out = []
+    for chunks in ([np.arange(len(classes))], [np.arange(len(classes)), np.arange(0)]):
+        root = tmp_path / str(len(chunks))
+        store = CandidateStore(str(root / "candidates"), 2)
+        info = {"config": {}}
+        info["config_hash"] = config_hash(info)
+        write_candidate_chunks(store, info, len(chunks), lambda c: (
+            feats[chunks[c]].reshape(-1, DIM), classes[chunks[c]], np.ones(len(chunks[c])), keys[chunks[c]]), NUM_CLASSES)
+        out.append(fit_store_prototypes(store, len(chunks), NUM_CLASSES, K, str(root))[0])
+    for c in range(NUM_CLASSES):
+        torch.testing.assert_close(out[0][c], out[1][c], rtol=0, atol=0)

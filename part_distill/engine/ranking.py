@@ -7,15 +7,17 @@ buckets from every chunk, once, keeping per class at most ``max_samples`` candid
 smallest seeded hash of their ``(image, object, query)`` key (a deterministic reservoir: the sample
 is a function of the candidate set, not of the reading order or the world size). Each class's
 sample, in key order, gets a weighted k-means with its own seed (``seed + c``); the classes of a
-bucket are clustered together in padded batches (``batched_kmeans``), so 21K classes cost 21K
-k-means, not 21K Python loops of them. A second streamed pass assigns every candidate of the bucket
-to its nearest prototype (cluster sizes for the report). One ``prototypes/bucket_XXXX.npz`` per
+bucket are clustered together in padded batches (``batched_kmeans``), since the per-call overhead,
+not the arithmetic, dominates k-means of a few hundred points. Cluster sizes (for the report) come
+from the fit's final assignment; for a class fitted on a sample, a second streamed pass assigns all
+its candidates to their nearest prototype. One ``prototypes/bucket_XXXX.npz`` per
 bucket carries the result, so the output does not depend on the number of ranks, and a rerun skips
 the buckets already fitted with the same configuration and candidates. ``<out>`` must be on a
 filesystem all ranks see (as detectron2's OUTPUT_DIR is in multi-node runs).
 
-Cost: one read of the candidates in total (divided over the ranks) plus the assignment pass; memory
-of a rank is bounded by ``sum_c min(count_c, max_samples)`` records of its largest bucket.
+Cost: one read of the candidates in total (divided over the ranks), plus a second one of the classes
+fitted on a sample; k-means per class on at most ``max_samples`` points. Memory of a rank is bounded
+by ``sum_c min(count_c, max_samples)`` records of its largest bucket, not by the candidates.
 """
 import logging
 import os
@@ -212,7 +214,9 @@ def _load_bucket(path, fit_hash):
             data = {n: z[n] for n in z.files}
         if str(data["config_hash"]) != fit_hash:
             return None
-        data["classes"], data["centers"], data["num_centers"]  # noqa: B018 (all present)
+        missing = {"classes", "centers", "num_centers", "sampled", "cluster_sizes"} - set(data)
+        if missing:
+            raise KeyError(f"arrays {sorted(missing)} missing")
         return data
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         logger.warning("Part ranking: %s is damaged (%s); its classes are fitted again", path, e)
