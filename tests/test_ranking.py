@@ -103,8 +103,9 @@ def _ranking_worker(out_dir, result_path):
     rank, world = comm.get_rank(), comm.get_world_size()
     # shard candidates by image id across ranks, as the stage runner does
     sel = keys[:, 0] % world == rank
+    # a sample cap below the class sizes (320): the sample, too, must not depend on the world size
     protos, _ = fit_prototypes_distributed(
-        feats[sel], classes[sel], np.ones(sel.sum()), keys[sel], NUM_CLASSES, K, out_dir, seed=1
+        feats[sel], classes[sel], np.ones(sel.sum()), keys[sel], NUM_CLASSES, K, out_dir, seed=1, max_samples=100
     )
     if rank == 0:
         torch.save({c: v for c, v in protos.items()}, result_path)
