@@ -94,9 +94,10 @@ def _timed(fn, *args):
     "50k_x_50": {"candidates": 50_000, "classes": 50},
     "50k_x_200": {"candidates": 50_000, "classes": 200},
     "50k_x_800": {"candidates": 50_000, "classes": 800},
+    "400k_x_50": {"candidates": 400_000, "classes": 50},
     "100k_x_21k": {"candidates": 100_000, "classes": 21_000},
     "1M_x_21k": {"candidates": 1_000_000, "classes": 21_000},
-}, default=["50k_x_50", "50k_x_200", "50k_x_800", "100k_x_21k", "1M_x_21k"])
+}, default=["50k_x_50", "50k_x_200", "50k_x_800", "400k_x_50", "100k_x_21k", "1M_x_21k"])
 def ranking_step(case, work_dir):
     """Class-specific ranking: synthetic candidates written to a CandidateStore, then the prototype fit
     (one process, world size 1). ``fit_s`` is the ranking itself; ``generate_s`` writes the store."""
@@ -127,10 +128,15 @@ def ranking_fp16_step(case, work_dir):
     a, b = out["float32"], out["float16"]
     common = sorted(set(a) & set(b))
     same_k = [c for c in common if a[c].shape == b[c].shape]
+    per_class = np.array([float((a[c] - b[c]).abs().max()) for c in same_k])
     diff = np.concatenate([(a[c] - b[c]).abs().flatten().numpy() for c in same_k])
     norm = float(np.mean([a[c].norm(dim=1).mean() for c in same_k]))
-    return {"classes_compared": len(common), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "mean_center_norm": round(norm, 4)}
+    # A class whose k-means took another path (a near-tie flipped by the rounding) moves by a cluster
+    # radius, not by the rounding: count those apart from the rounding itself.
+    moved = per_class > 1e-2 * norm
+    return {"classes_compared": len(common), "classes_on_another_path": int(moved.sum()),
+            "max_abs_diff_others": float(per_class[~moved].max()) if (~moved).any() else 0.0,
+            "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "mean_center_norm": round(norm, 4)}
 
 
 # ---------------------------------------------------------------- harness
