@@ -104,7 +104,7 @@ def ranking_step(case, work_dir):
     dim, chunk = case.get("dim", 256), case.get("chunk_rows", 10_000)
     (store, n), gen_s, gen_cpu = _timed(
         _write_synthetic_store, os.path.join(work_dir, "candidates"), case["candidates"], case["classes"], dim,
-        chunk, case.get("num_buckets", 64), case.get("feature_dtype", "float16"), 0)
+        chunk, case.get("num_buckets", 32), case.get("feature_dtype", "float16"), 0)
     (protos, report), fit_s, fit_cpu = _timed(_fit, store, n, case["classes"], work_dir, case)
     return {"generate_s": gen_s, "fit_s": fit_s, "fit_cpu_s": fit_cpu, "classes_fitted": len(protos),
             "classes_fitted_on_a_sample": report["classes_fitted_on_a_sample"], "chunks": n}
@@ -123,7 +123,7 @@ def ranking_fp16_step(case, work_dir):
     for dt in ("float32", "float16"):
         d = os.path.join(work_dir, dt)
         store, n = _write_synthetic_store(os.path.join(d, "candidates"), case["candidates"], case["classes"], dim,
-                                          chunk, 64, dt, 0)
+                                          chunk, 32, dt, 0)
         out[dt] = _fit(store, n, case["classes"], d, case)[0]
     a, b = out["float32"], out["float16"]
     common = sorted(set(a) & set(b))
