@@ -75,10 +75,10 @@ def _write_synthetic_store(root, candidates, num_classes, dim, chunk_rows, num_b
     return store, num_chunks
 
 
-def _fit(store, num_chunks, num_classes, out, case):
+def _fit(store, num_chunks, num_classes, out, case, seed=0):
     from .ranking import fit_store_prototypes
 
-    return fit_store_prototypes(store, num_chunks, num_classes, case.get("k", 8), out, seed=0,
+    return fit_store_prototypes(store, num_chunks, num_classes, case.get("k", 8), out, seed=seed,
                                 min_candidates=case.get("min_candidates", 8), max_iter=case.get("max_iter", 100),
                                 max_samples=case.get("max_samples", 4096))
 
@@ -126,23 +126,40 @@ def ranking_fp16_step(case, work_dir):
         stores[dt] = _write_synthetic_store(os.path.join(d, "candidates"), case["candidates"], case["classes"], dim,
                                             chunk, 32, dt, 0)
         out[dt] = _fit(*stores[dt], case["classes"], d, case)[0]
-    a, b = out["float32"], out["float16"]
-    same_k = [c for c in sorted(set(a) & set(b)) if a[c].shape == b[c].shape]
+    # The yardstick: the same fp32 candidates fitted with another k-means seed.
+    out["seed1"] = _fit(*stores["float32"], case["classes"], os.path.join(work_dir, "seed1"), case, seed=1)[0]
+    a, b, s1 = out["float32"], out["float16"], out["seed1"]
+    same_k = [c for c in sorted(set(a) & set(b)) if a[c].shape == b[c].shape == s1[c].shape]
     diff = np.concatenate([(a[c] - b[c]).abs().flatten().numpy() for c in same_k])
     norm = float(np.mean([a[c].norm(dim=1).mean() for c in same_k]))
     # What labelling sees: the prototype each fp32 candidate is nearest to, under either fit.
     store, n = stores["float32"]
-    agree = total = 0
+    agree = agree_seed = total = 0
     for c in range(n):
         rows = store.read_rows(c, 0, store.read_index(c)["rows"])
         keep = np.isin(rows["cls"], same_k)
         x, cls = torch.from_numpy(rows["feature"][keep]), rows["cls"][keep]
         for cl in np.unique(cls):
             xs = x[cls == cl]
-            agree += int((torch.cdist(xs, a[cl]).argmin(1) == torch.cdist(xs, b[cl]).argmin(1)).sum())
+            near = torch.cdist(xs, a[cl]).argmin(1)
+            agree += int((near == torch.cdist(xs, b[cl]).argmin(1)).sum())
+            # seeds permute cluster ids: compare co-membership through the best one-to-one matching
+            agree_seed += _matched_agreement(near.numpy(), torch.cdist(xs, s1[cl]).argmin(1).numpy(), len(a[cl]))
             total += len(xs)
     return {"classes_compared": len(same_k), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "mean_center_norm": round(norm, 4), "same_nearest_prototype": round(agree / max(total, 1), 5)}
+            "mean_center_norm": round(norm, 4), "same_nearest_prototype": round(agree / max(total, 1), 5),
+            "same_nearest_prototype_other_seed": round(agree_seed / max(total, 1), 5)}
+
+
+def _matched_agreement(u, v, k):
+    """Points labelled alike by u and v once v's ids are matched one-to-one to u's (Hungarian)."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    m = np.zeros((k, k), np.int64)
+    np.add.at(m, (u, v), 1)
+    r, c = linear_sum_assignment(-m)
+    return int(m[r, c].sum())
 
 
 # ---------------------------------------------------------------- harness
