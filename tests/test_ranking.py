@@ -359,8 +359,11 @@ def test_chunk_without_candidates_is_fine(tmp_path):
         store = CandidateStore(str(root / "candidates"), 2)
         info = {"config": {}}
         info["config_hash"] = config_hash(info)
-        write_candidate_chunks(store, info, len(chunks), lambda c: (
-            feats[chunks[c]].reshape(-1, DIM), classes[chunks[c]], np.ones(len(chunks[c])), keys[chunks[c]]), NUM_CLASSES)
+        def produce(c, chunks=chunks):
+            p = chunks[c]
+            return feats[p].reshape(-1, DIM), classes[p], np.ones(len(p)), keys[p]
+
+        write_candidate_chunks(store, info, len(chunks), produce, NUM_CLASSES)
         out.append(fit_store_prototypes(store, len(chunks), NUM_CLASSES, K, str(root))[0])
     for c in range(NUM_CLASSES):
         torch.testing.assert_close(out[0][c], out[1][c], rtol=0, atol=0)

@@ -117,7 +117,8 @@ class CandidateStore:
                              "set PART_DISTILL.RANKING.FEATURE_DTYPE float32")
         order = np.lexsort((keys[:, 2], keys[:, 1], keys[:, 0], classes, self.bucket_of(classes)))
         rec = np.empty(n, record_dtype(features.shape[1], self.feature_dtype))
-        rec["key"], rec["cls"], rec["weight"], rec["feature"] = keys[order], classes[order], weights[order], features[order]
+        rec["key"], rec["cls"] = keys[order], classes[order]
+        rec["weight"], rec["feature"] = weights[order], features[order]
         buckets = self.bucket_of(rec["cls"])
         offsets = np.searchsorted(buckets, np.arange(self.num_buckets + 1), side="left")
         uniq, cnt = np.unique(rec["cls"], return_counts=True)
