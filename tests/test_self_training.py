@@ -291,6 +291,23 @@ def test_ranking_stage_resumes_and_honours_resume_false(world):
     assert bool(saved["ranker.prototype_valid"].any())
 
 
+def test_ranking_without_any_prototype_fails_loudly(world):
+    """MIN_CANDIDATES above every class's count: the report says which classes and why, the stage raises,
+    and no model_final.pth lets the pipeline take the stage for done."""
+    from part_distill.engine.ranking_stage import run_ranking
+
+    _needs_ranker()
+    out = world["tmp"] / "rank_none"
+    cfg = tiny_cfg(out, "MODEL.WEIGHTS", world["weights"], "PART_DISTILL.RANKING.MIN_CANDIDATES", "100000")
+    with pytest.raises(RuntimeError, match="no prototype for any of the 7"):
+        run_ranking(cfg)
+    with open(out / "ranking_report.json") as f:
+        report = json.load(f)
+    assert report["classes_without_prototypes"] == list(range(7))
+    assert "7 of 7 object classes have NO prototype" in report["warning"]
+    assert not (out / "model_final.pth").exists()
+
+
 def test_distill_labels_are_ranker_slots(world):
     from part_distill.engine.ranking_stage import run_ranking
     from part_distill.engine.stages import run_distill

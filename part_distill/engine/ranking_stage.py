@@ -172,13 +172,15 @@ def run_ranking(cfg, model=None, resume=True):
                   clusters_per_class={str(c): int(v.shape[0]) for c, v in sorted(prototypes.items())})
     report_path = os.path.join(cfg.OUTPUT_DIR, "ranking_report.json")
     if comm.is_main_process():
-        save_model_final(model, cfg.OUTPUT_DIR)
         atomic_write_json(report_path, report, indent=1, sort_keys=True)
-        logger.info("Ranking: %d/%d object classes have prototypes; candidates per class %s",
-                    len(prototypes), num_classes, report["candidates_per_class"][:50])
-    comm.synchronize()
     if not prototypes:
+        # No model_final.pth: the pipeline must not take this stage for done.
         raise RuntimeError(f"Part ranking fitted no prototype for any of the {num_classes} object classes "
                            f"(candidates per class {report['candidates_per_class'][:20]}); see {report_path}. "
                            "Lower PART_DISTILL.RANKING.MIN_CANDIDATES or SELF_TRAIN.SCORE_THRESH / MIN_AREA_RATIO")
+    if comm.is_main_process():
+        save_model_final(model, cfg.OUTPUT_DIR)
+        logger.info("Ranking: %d/%d object classes have prototypes; candidates per class %s",
+                    len(prototypes), num_classes, report["candidates_per_class"][:50])
+    comm.synchronize()
     return model, report
