@@ -34,3 +34,13 @@ def tiny_world_factory(tmp_path_factory):
 
     yield make
     stack.close()
+
+
+def file_tree(root):
+    """{relative path: bytes} of every file under ``root``: compares whole output directories byte for byte."""
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            with open(os.path.join(d, n), "rb") as f:
+                out[os.path.relpath(os.path.join(d, n), root)] = f.read()
+    return out

@@ -1,4 +1,5 @@
-"""Class-specific part ranking: prototypes recover known clusters; Eq. 2 exactly; ranks agree."""
+"""Class-specific part ranking: prototypes recover known clusters; Eq. 2 exactly; ranks agree; the class-bucketed
+candidate store samples, resumes and survives SIGKILL."""
 
 import os
 
@@ -10,6 +11,8 @@ from sklearn.metrics import adjusted_rand_score
 from part_distill.engine.ranking import deal_classes_to_ranks, fit_prototypes_distributed
 from part_distill.modeling.part_candidates import select_part_candidates
 from part_distill.modeling.ranker import PartRanker
+
+from conftest import file_tree
 
 NUM_CLASSES, K, DIM = 3, 8, 16
 
@@ -253,20 +256,11 @@ def _store_run(root, produce_calls, num_chunks=4):
     return fit_store_prototypes(store, num_chunks, NUM_CLASSES, K, root, seed=0, max_samples=30)
 
 
-def _tree(root):
-    out = {}
-    for d, _, names in os.walk(root):
-        for n in names:
-            with open(os.path.join(d, n), "rb") as f:
-                out[os.path.relpath(os.path.join(d, n), root)] = f.read()
-    return out
-
-
 def test_damaged_and_stale_files_are_named_and_remade(tmp_path, caplog):
     calls = []
     ref, _ = _store_run(str(tmp_path), calls)
     assert calls == [0, 1, 2, 3]
-    before = _tree(tmp_path)
+    before = file_tree(tmp_path)
     cand, proto = tmp_path / "candidates", tmp_path / "prototypes"
     with open(cand / "chunk_00002.npy", "r+b") as f:  # truncated chunk
         f.truncate(200)
@@ -279,7 +273,7 @@ def test_damaged_and_stale_files_are_named_and_remade(tmp_path, caplog):
     assert calls == [2]  # only the damaged chunk is collected again
     msgs = " ".join(r.getMessage() for r in caplog.records)
     assert "chunk_00002.npy" in msgs and "bucket_0001.npz" in msgs
-    assert _tree(tmp_path) == before  # same bytes, no temp file left
+    assert file_tree(tmp_path) == before  # same bytes, no temp file left
     for c in ref:
         torch.testing.assert_close(again[c], ref[c], rtol=0, atol=0)
 
@@ -319,7 +313,7 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_files(tmp_path):
     p = start(tmp_path / "ref")
     out, err = p.communicate()
     assert p.returncode == 0 and out.split()[-1] == "done", err
-    ref = _tree(tmp_path / "ref")
+    ref = file_tree(tmp_path / "ref")
 
     rng = np.random.default_rng(2024)
     run = tmp_path / "killed"
@@ -340,7 +334,7 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_files(tmp_path):
     p = start(run)
     _, err = p.communicate()
     assert p.returncode == 0, err
-    got = _tree(run)
+    got = file_tree(run)
     assert not [n for n in got if os.path.basename(n).endswith(".tmp")]
     assert sorted(got) == sorted(ref)
     assert [n for n in got if got[n] != ref[n]] == []
