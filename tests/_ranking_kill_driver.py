@@ -23,7 +23,7 @@ from part_distill.engine.ranking import fit_store_prototypes  # noqa: E402
 from part_distill.mining.store import config_hash  # noqa: E402
 from part_distill.utils.io import atomic_write_json  # noqa: E402
 
-NUM_CLASSES, DIM, ROWS, CHUNKS, K = 24, 32, 150, 30, 4
+NUM_CLASSES, DIM, ROWS, CHUNKS, K = 24, 32, 300, 10, 4
 
 
 def produce(c):
