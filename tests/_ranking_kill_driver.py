@@ -21,7 +21,7 @@ from part_distill.engine import candidate_store, ranking  # noqa: E402
 from part_distill.engine.candidate_store import CandidateStore, write_candidate_chunks  # noqa: E402
 from part_distill.engine.ranking import fit_store_prototypes  # noqa: E402
 from part_distill.mining.store import config_hash  # noqa: E402
-from part_distill.utils.io import atomic_write_json  # noqa: E402
+from part_distill.utils.io import atomic_write_json, remove_stale_temp_files  # noqa: E402
 
 NUM_CLASSES, DIM, ROWS, CHUNKS, K = 24, 32, 300, 10, 4
 
@@ -42,6 +42,7 @@ def _progress(n):
 def main(out):
     candidate_store._after_chunk_hook = ranking._after_bucket_hook = _progress
     print("ready", flush=True)
+    remove_stale_temp_files(out)  # a kill during report.json (run_ranking does the same for OUTPUT_DIR)
     store = CandidateStore(os.path.join(out, "candidates"), 12, "float16")
     info = {"config": {"driver": 1}}
     info["config_hash"] = config_hash(info)
