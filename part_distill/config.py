@@ -434,6 +434,12 @@ def _add_training_config(cfg):
     pd.RANKING.MAX_ITER = 100
     # Base seed; class c uses SEED + c, so the result is independent of the world size.
     pd.RANKING.SEED = 0
+    # Candidate-store class buckets (class c in c % NUM_BUCKETS): a rank reads only its own; <= this many ranks fit.
+    pd.RANKING.NUM_BUCKETS = 32
+    # A class with more candidates is fitted on this many, chosen by a seeded hash of their keys (0 = all).
+    pd.RANKING.MAX_SAMPLES_PER_CLASS = 4096
+    # Storage dtype of candidate features: "float16" (half the disk and reads) or "float32".
+    pd.RANKING.FEATURE_DTYPE = "float16"
 
     pd.ONE_STAGE = CN()
     # Self-training rounds of the one-stage baseline after its training on dataset-level clusters (paper: 2).
