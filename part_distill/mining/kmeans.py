@@ -46,6 +46,9 @@ __all__ = [
 
 METRICS = ("cosine", "l2")
 _EPS = 1e-12
+# Feature bytes per instance chunk on CPU (default): small enough to stay in the L2/L3 caches
+# between the passes of one fit, large enough that per-op overhead stays small.
+CPU_CACHE_BYTES = 16 << 20
 
 
 class KMeansResult(NamedTuple):
@@ -117,45 +120,80 @@ def _points(x, aux, metric, index):
     return p * aux[ar, index][..., None] if metric == "cosine" else p
 
 
-def _distances(x, aux, c, metric):
-    """[b, n, D] x [b, m, D] -> [b, n, m] distances in ``metric``, matmul based.
+def _scores(x, c):
+    """Raw products [b, m, n] of centers c [b, m, D] with points x [b, n, D] (points along the last
+    dim: the k-row matmul streams the points once, faster than the k-column one on CPU).
 
-    ``x`` may be a low-precision copy (fp16/bf16): the dot products then run in that dtype and
-    everything after them in the dtype of ``aux``.
+    ``x`` may be a low-precision copy (fp16/bf16): the matmul then runs in that dtype and the
+    result comes back in the dtype of ``c``.
     """
-    dots = torch.bmm(x, c.to(x.dtype).transpose(1, 2))
-    if dots.dtype != aux.dtype:
-        dots = dots.to(aux.dtype)
+    dots = torch.bmm(c.to(x.dtype), x.transpose(1, 2))
+    return dots if dots.dtype == c.dtype else dots.to(c.dtype)
+
+
+def _rank(dots, c, metric):
+    """In place: products -> a score whose argmin over centers is the nearest center.
+
+    The per-point term (||x||^2 for l2, the inverse norm for cosine) is left out, as scikit-learn
+    does: it cannot change the argmin, and :func:`_to_distance` adds it back for the minimum only.
+    """
     if metric == "cosine":
-        dots.mul_(aux[:, :, None])
-        return dots.neg_().add_(1.0).clamp_min_(0.0)
-    dots.mul_(-2.0).add_(aux[:, :, None]).add_((c * c).sum(-1)[:, None, :])
-    return dots.clamp_min_(0.0)
+        return dots.neg_()
+    return dots.mul_(-2.0).add_((c * c).sum(-1)[:, :, None])
+
+
+def _to_distance(score, aux, metric):
+    """Score (from :func:`_rank`) of a point [b, ..., n] -> its distance in ``metric`` (in place)."""
+    if metric == "cosine":
+        return score.mul_(aux).add_(1.0).clamp_min_(0.0)
+    return score.add_(aux).clamp_min_(0.0)
+
+
+def _distances(x, aux, c, metric):
+    """[b, n, D] x [b, m, D] -> [b, n, m] distances in ``metric``, matmul based."""
+    d = _to_distance(_rank(_scores(x, c), c, metric), aux[:, None, :], metric)
+    return d.transpose(1, 2)
+
+
+def _blocks(n, point_chunk):
+    return [(s, min(n, s + point_chunk)) for s in range(0, n, point_chunk)]
 
 
 def _nearest(x, aux, c, metric, point_chunk):
-    """Index of and distance to the nearest center, chunked over points to bound memory."""
+    """Index of and distance to the nearest center [b, n], chunked over points to bound memory."""
     b, n, _ = x.shape
+    if point_chunk >= n:
+        v, labels = _rank(_scores(x, c), c, metric).min(1)
+        return labels, _to_distance(v, aux, metric)
     labels = torch.empty(b, n, dtype=torch.long, device=x.device)
     mind = torch.empty(b, n, dtype=aux.dtype, device=x.device)
-    for s in range(0, n, point_chunk):
-        e = min(n, s + point_chunk)
-        d = _distances(x[:, s:e], aux[:, s:e], c, metric)
-        mind[:, s:e], labels[:, s:e] = d.min(dim=2)
+    for s, e in _blocks(n, point_chunk):
+        v, labels[:, s:e] = _rank(_scores(x[:, s:e], c), c, metric).min(1)
+        mind[:, s:e] = _to_distance(v, aux[:, s:e], metric)
     return labels, mind
 
 
-def _cluster_sums(x, w, sw, labels, k, point_chunk):
-    """Per-cluster sums of sw * x [b, k, D] and of w [b, k] via one-hot bmm (w=0 drops a point)."""
+def _lloyd_pass(x, xd, aux, w, sw, c, metric, point_chunk):
+    """One pass over the points: nearest center, its distance and the new per-cluster sums.
+
+    Per block of points (kept in cache between the two matmuls): labels/distances [b, n] and the
+    sums of sw * x [b, k, D] and of w [b, k] (w=0 drops a point).
+    """
     b, n, d = x.shape
+    k = c.shape[1]
+    ks = torch.arange(k, device=x.device)[None, :, None]
+    labels = torch.empty(b, n, dtype=torch.long, device=x.device)
+    mind = torch.empty(b, n, dtype=aux.dtype, device=x.device)
     sums = x.new_zeros(b, k, d)
     counts = x.new_zeros(b, k)
-    for s in range(0, n, point_chunk):
-        e = min(n, s + point_chunk)
-        onehot = F.one_hot(labels[:, s:e].clamp_min(0), k).to(x.dtype)
-        sums += torch.bmm((onehot * sw[:, s:e, None]).transpose(1, 2), x[:, s:e])
-        counts += (onehot * w[:, s:e, None]).sum(1)
-    return sums, counts
+    for s, e in _blocks(n, point_chunk):
+        v, lab = _rank(_scores(xd[:, s:e], c), c, metric).min(1)
+        labels[:, s:e], mind[:, s:e] = lab, _to_distance(v, aux[:, s:e], metric)
+        onehot = (lab[:, None, :] == ks).to(x.dtype)  # [b, k, block]
+        wo = onehot * w[:, None, s:e]
+        counts += wo.sum(2)
+        sums.baddbmm_(wo if sw is w else onehot * sw[:, None, s:e], x[:, s:e])
+    return labels, mind, sums, counts
 
 
 def _sample_by_cdf(p, u, last):
@@ -171,7 +209,8 @@ def _sample_by_cdf(p, u, last):
 def _kmeans_plusplus(x, xd, aux, w, k, metric, u_first, u_trials, point_chunk):
     """Batched greedy k-means++ (scikit-learn's variant). u_* are uniforms drawn by the caller.
 
-    Seeds are gathered from ``x``; distances use ``xd`` (``x`` or its low-precision copy).
+    Seeds are gathered from ``x``; distances use ``xd`` (``x`` or its low-precision copy). Each
+    round is one pass over the points for all its candidates together.
     """
     b, n, _ = x.shape
     ar = torch.arange(b, device=x.device)
@@ -188,12 +227,14 @@ def _kmeans_plusplus(x, xd, aux, w, k, metric, u_first, u_trials, point_chunk):
         p = torch.where((pot > 0)[:, None], p, w)
         cand = _sample_by_cdf(p, u_trials[:, c - 1], last)  # [b, t]
         cand_x = _points(x, aux, metric, cand)  # [b, t, D]
-        t = cand.shape[1]
-        d_cand = torch.empty(b, t, n, dtype=aux.dtype, device=x.device)
-        for s in range(0, n, point_chunk):
-            e = min(n, s + point_chunk)
-            d = _distances(xd[:, s:e], aux[:, s:e], cand_x, metric)
-            d_cand[:, :, s:e] = torch.minimum(d.transpose(1, 2), closest[:, None, s:e])
+        if point_chunk >= n:
+            d_cand = _to_distance(_rank(_scores(xd, cand_x), cand_x, metric), aux[:, None], metric)
+            d_cand = torch.minimum(d_cand, closest[:, None])
+        else:
+            d_cand = torch.empty(b, cand.shape[1], n, dtype=aux.dtype, device=x.device)
+            for s, e in _blocks(n, point_chunk):
+                d = _to_distance(_rank(_scores(xd[:, s:e], cand_x), cand_x, metric), aux[:, None, s:e], metric)
+                torch.minimum(d, closest[:, None, s:e], out=d_cand[:, :, s:e])
         cand_pot = (d_cand * w[:, None, :]).sum(2)  # [b, t]
         best = cand_pot.argmin(1)
         centers.append(cand_x[ar, best])
@@ -206,11 +247,10 @@ def _normalize_centers(c, metric):
     return F.normalize(c, dim=-1, eps=_EPS) if metric == "cosine" else c
 
 
-def _update_centers(x, w, sw, labels, mind, k, metric, point_chunk):
+def _update_centers(x, w, sw, labels, mind, sums, counts, metric):
     """M-step with empty-cluster repair; returns new centers [b, k, D] and the weighted sum [b, D]."""
-    b = x.shape[0]
+    b, k = counts.shape
     ar = torch.arange(b, device=x.device)
-    sums, counts = _cluster_sums(x, w, sw, labels, k, point_chunk)
     total = sums.sum(1)
     empty = counts <= 0
     if empty.any():
@@ -237,9 +277,13 @@ def _update_centers(x, w, sw, labels, mind, k, metric, point_chunk):
 
 
 def _fit(x, aux, w, k, metric, init_centers, u_first, u_trials, max_iter, tol, point_chunk, dist_dtype):
-    """Fit prepared points x [b, n, D] (``aux`` from _prepare, weights w [b, n]; w=0 is not a point)."""
+    """Fit prepared points x [b, n, D] (``aux`` from _prepare, weights w [b, n]; w=0 is not a point).
+
+    Each Lloyd iteration is one :func:`_lloyd_pass`: the caller sizes ``b`` so the points stay in
+    cache across the pass's two matmuls and across iterations (CPU) or fit in memory (GPU).
+    """
     b, _, d = x.shape
-    # Optional low-precision copy for the distance matmuls (read ~10x per fit); sums stay exact.
+    # Optional low-precision copy for the distance matmuls; sums stay exact.
     xd = x if dist_dtype is None else x.to(dist_dtype)
     if init_centers is None:
         centers = _kmeans_plusplus(x, xd, aux, w, k, metric, u_first, u_trials, point_chunk)
@@ -263,8 +307,8 @@ def _fit(x, aux, w, k, metric, init_centers, u_first, u_trials, max_iter, tol, p
     xa, xda, auxa, wa, swa = x, xd, aux, w, sw
     for _ in range(max_iter):
         cur = centers[rows]
-        labels, mind = _nearest(xda, auxa, cur, metric, point_chunk)
-        new, total = _update_centers(xa, wa, swa, labels, mind, k, metric, point_chunk)
+        labels, mind, sums, counts = _lloyd_pass(xa, xda, auxa, wa, swa, cur, metric, point_chunk)
+        new, total = _update_centers(xa, wa, swa, labels, mind, sums, counts, metric)
         if tol_b is None:
             mean = total / wsum[:, None]
             tol_b = ((msq - (mean * mean).sum(1)) / d).clamp_min(0) * tol
@@ -377,8 +421,9 @@ def batched_kmeans(
         min_points: instances with fewer valid points (of positive weight) than
             ``max(k, min_points)`` are skipped.
         nan_policy: "raise" (ValueError naming the instances) or "skip" (flag them as skipped).
-        chunk_size: instances per chunk; default derived from ``max_chunk_bytes`` (default: 1 GiB
-            on CPU, a quarter of the free memory on CUDA).
+        chunk_size: instances per chunk; default: on CPU as many as fit ``CPU_CACHE_BYTES`` of
+            features (cache blocking), else derived from ``max_chunk_bytes`` (default on CUDA:
+            a quarter of the free memory).
         point_chunk: points per distance block (bounds the [b, n, k] temporaries for huge N).
         distance_dtype: torch.float16 / torch.bfloat16 (or their names) to run the distance
             matmuls on a low-precision copy of the features, halving the bytes most passes read;
@@ -444,12 +489,19 @@ def batched_kmeans(
     inertia = torch.zeros(B, dtype=dtype, device=device)
     n_iter = torch.zeros(B, dtype=torch.long, device=device)
     dist_dtype = _resolve_dist_dtype(distance_dtype)
-    if max_chunk_bytes is None:
-        # Features are used in place; the budget only bounds gathers and temporaries.
-        max_chunk_bytes = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 1 << 30
-    if chunk_size is None:
-        chunk_size = _auto_chunk(N, D, k, t, torch.finfo(dtype).bits // 8, max_chunk_bytes)
+    elem = torch.finfo(dtype).bits // 8
     point_chunk = int(point_chunk or max(N, 1))
+    if device.type == "cpu" and max_chunk_bytes is None:
+        # Cache blocking: a chunk's features stay in cache through seeding and every Lloyd
+        # iteration, so memory is read about once; points are blocked when one instance is larger.
+        if chunk_size is None:
+            chunk_size = max(1, CPU_CACHE_BYTES // max(N * D * elem, 1))
+        point_chunk = min(point_chunk, max(256, CPU_CACHE_BYTES // max(D * elem, 1)))
+    elif chunk_size is None:
+        if max_chunk_bytes is None:
+            # Features are used in place; the budget only bounds gathers and temporaries.
+            max_chunk_bytes = torch.cuda.mem_get_info(device)[0] // 4
+        chunk_size = _auto_chunk(N, D, k, t, elem, max_chunk_bytes)
 
     for s in range(0, B, chunk_size):
         # Contiguous chunks are views; only chunks holding skipped instances need a gather.
