@@ -22,14 +22,13 @@ n_init=1, same iteration cap and tolerance) and prints, from one run:
 """
 import argparse
 import json
-import math
 import os
 import time
 
 import numpy as np
 import torch
 
-from part_distill.mining.kmeans import batched_kmeans
+from part_distill.mining.kmeans import batched_kmeans, kmeans_flops
 from part_distill.utils.roofline import MachineLimits, load_average, roofline, stream_read_time, sync
 
 
@@ -66,13 +65,6 @@ def _run_sklearn(feats_np, args, metric):
     return time.perf_counter() - t0, time.process_time() - c0, float(np.mean(inertias))
 
 
-def _kmeans_flops(n_points, dims, k, n_iter):
-    """Flops of greedy k-means++ plus ``n_iter`` Lloyd iterations over ``n_points`` points."""
-    t = 2 + int(math.log(k)) if k > 1 else 1
-    seeding = 2 * (1 + (k - 1) * t)
-    return n_points * dims * (seeding + n_iter * 2 * (k + 1))
-
-
 def run_case(dims, metric, args, device, limits):
     load0 = load_average()
     feats = _features(args.instances, args.pixels, dims, device)
@@ -89,7 +81,7 @@ def run_case(dims, metric, args, device, limits):
     wall, cpu, res = min(ours, key=lambda v: v[0])
     n_iter = res.n_iter.float().mean().item()
     nbytes = feats.numel() * feats.element_size()
-    flops = _kmeans_flops(args.instances * args.pixels, dims, args.k, n_iter)
+    flops = kmeans_flops(args.instances * args.pixels, dims, args.k, n_iter)
     design = roofline(wall, flops=flops, peak=limits.peak, read_seconds=(n_iter + 1) * t_read)
     case = {
         "instances": args.instances, "pixels": args.pixels, "dims": dims, "k": args.k, "metric": metric,

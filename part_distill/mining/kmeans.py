@@ -42,6 +42,7 @@ __all__ = [
     "assign",
     "pad_packed",
     "BatchedKMeans",
+    "kmeans_flops",
 ]
 
 METRICS = ("cosine", "l2")
@@ -180,19 +181,26 @@ def _lloyd_pass(x, xd, aux, w, sw, c, metric, point_chunk):
     sums of sw * x [b, k, D] and of w [b, k] (w=0 drops a point).
     """
     b, n, d = x.shape
-    k = c.shape[1]
-    ks = torch.arange(k, device=x.device)[None, :, None]
-    labels = torch.empty(b, n, dtype=torch.long, device=x.device)
-    mind = torch.empty(b, n, dtype=aux.dtype, device=x.device)
-    sums = x.new_zeros(b, k, d)
-    counts = x.new_zeros(b, k)
-    for s, e in _blocks(n, point_chunk):
+    ks = torch.arange(c.shape[1], device=x.device)[None, :, None]
+
+    def block(s, e):
         v, lab = _rank(_scores(xd[:, s:e], c), c, metric).min(1)
-        labels[:, s:e], mind[:, s:e] = lab, _to_distance(v, aux[:, s:e], metric)
         onehot = (lab[:, None, :] == ks).to(x.dtype)  # [b, k, block]
         wo = onehot * w[:, None, s:e]
-        counts += wo.sum(2)
-        sums.baddbmm_(wo if sw is w else onehot * sw[:, None, s:e], x[:, s:e])
+        so = wo if sw is w else onehot * sw[:, None, s:e]
+        return lab, _to_distance(v, aux[:, s:e], metric), so, wo.sum(2)
+
+    if point_chunk >= n:
+        labels, mind, so, counts = block(0, n)
+        return labels, mind, torch.bmm(so, x), counts
+    labels = torch.empty(b, n, dtype=torch.long, device=x.device)
+    mind = torch.empty(b, n, dtype=aux.dtype, device=x.device)
+    sums = x.new_zeros(b, c.shape[1], d)
+    counts = x.new_zeros(b, c.shape[1])
+    for s, e in _blocks(n, point_chunk):
+        labels[:, s:e], mind[:, s:e], so, cnt = block(s, e)
+        sums.baddbmm_(so, x[:, s:e])
+        counts += cnt
     return labels, mind, sums, counts
 
 
@@ -377,6 +385,17 @@ def _resolve_dist_dtype(distance_dtype):
     return distance_dtype
 
 
+def _num_trials(k):
+    """Greedy k-means++ candidates per round (scikit-learn's 2 + int(log k))."""
+    return 2 + int(math.log(k)) if k > 1 else 1
+
+
+def kmeans_flops(n_points, dims, k, n_iter):
+    """Flops a fit must do: greedy k-means++ ((1 + (k-1) t) point-center products per point) plus,
+    per Lloyd iteration, k products and the center sums. ``n_iter`` may be a per-point mean."""
+    return n_points * dims * (2 * (1 + (k - 1) * _num_trials(k)) + n_iter * 2 * (k + 1))
+
+
 def _auto_chunk(n, d, k, t, elem, max_chunk_bytes):
     """Instances per chunk so a (possible) gathered copy plus distance temporaries fit the budget."""
     per_instance = n * d * elem + n * max(k, t) * 3 * elem + n * (k + 4) * 8
@@ -467,7 +486,7 @@ def batched_kmeans(
             raise ValueError("init centers contain NaN or inf")
 
     # All randomness is drawn up front on the CPU: device- and chunking-independent results.
-    t = 2 + int(math.log(k)) if k > 1 else 1
+    t = _num_trials(k)
     n_u = 1 + max(k - 1, 0) * t
     if instance_seeds is not None:
         instance_seeds = torch.as_tensor(instance_seeds, dtype=torch.long).flatten()

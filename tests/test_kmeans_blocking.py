@@ -1,0 +1,75 @@
+"""Cache blocking, point blocks, the flop count and the CUDA path of the batched k-means.
+
+References: the unblocked CPU fit (one chunk, one point block), hand-computed counts, and the
+CPU result for the GPU run.
+"""
+import pytest
+import torch
+
+from part_distill.mining import kmeans as km
+from part_distill.mining.kmeans import batched_kmeans, kmeans_flops
+from part_distill.utils.roofline import roofline
+
+
+def _clustered(B, N, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(B, 5, D, generator=g)
+    which = torch.randint(0, 5, (B, N), generator=g)
+    x = protos.gather(1, which[:, :, None].expand(-1, -1, D))
+    return x + 0.3 * torch.randn(x.shape, generator=g)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_cache_blocked_default_equals_one_chunk(metric, monkeypatch):
+    X = _clustered(9, 100, 16, seed=0)
+    lengths = torch.tensor([100, 80, 60, 100, 7, 100, 50, 99, 100])
+    w = torch.rand(9, 100, generator=torch.Generator().manual_seed(1))
+    # A cache budget of ~2 instances forces 5 chunks and point blocks of 256 (> N: none).
+    monkeypatch.setattr(km, "CPU_CACHE_BYTES", 2 * 100 * 16 * 4)
+    blocked = batched_kmeans(X, lengths, k=4, metric=metric, weights=w, seed=3)
+    whole = batched_kmeans(X, lengths, k=4, metric=metric, weights=w, seed=3, max_chunk_bytes=1 << 30)
+    assert torch.equal(blocked.labels, whole.labels)
+    torch.testing.assert_close(blocked.centers, whole.centers, rtol=0, atol=0)
+    torch.testing.assert_close(blocked.inertia, whole.inertia, rtol=0, atol=0)
+    assert torch.equal(blocked.n_iter, whole.n_iter)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_point_blocks_equal_one_block(metric):
+    # One fused pass per block of 37 points (labels, distances and center sums) = the whole pass.
+    X = _clustered(3, 300, 8, seed=2).double()
+    init = X[:, [0, 50, 100, 150]]
+    a = batched_kmeans(X, k=4, metric=metric, init=init, point_chunk=37, max_chunk_bytes=1 << 30)
+    b = batched_kmeans(X, k=4, metric=metric, init=init, max_chunk_bytes=1 << 30)
+    assert torch.equal(a.labels, b.labels)
+    torch.testing.assert_close(a.centers, b.centers, rtol=1e-12, atol=1e-12)
+    assert torch.equal(a.n_iter, b.n_iter)
+
+
+def test_kmeans_flops_hand_count():
+    # k=4: 2 + int(log 4) = 3 candidates per round -> 1 + 3 * 3 = 10 products for seeding;
+    # each Lloyd iteration: 4 products + 1 sum, 2 flops each.
+    assert kmeans_flops(1000, 10, 4, 3) == 1000 * 10 * (2 * 10 + 3 * 10)
+    assert kmeans_flops(5, 2, 1, 0) == 5 * 2 * 2
+
+
+def test_roofline_picks_the_larger_bound():
+    r = roofline(4.0, nbytes=100, flops=600, bandwidth=100, peak=200)  # 1 s of bytes, 3 s of flops
+    assert r["bound"] == "compute" and r["limit_s"] == 3.0 and r["fraction"] == 0.75
+    r = roofline(2.0, flops=10, peak=100, read_seconds=1.5)
+    assert r["bound"] == "bandwidth" and r["limit_s"] == 1.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_cuda_matches_cpu(metric):
+    X = _clustered(6, 200, 32, seed=4)
+    lengths = torch.tensor([200, 150, 200, 90, 200, 120])
+    cpu = batched_kmeans(X, lengths, k=4, metric=metric, seed=5)
+    gpu = batched_kmeans(X.cuda(), lengths.cuda(), k=4, metric=metric, seed=5)
+    assert torch.equal(gpu.labels.cpu(), cpu.labels)
+    torch.testing.assert_close(gpu.centers.cpu(), cpu.centers, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu.inertia.cpu(), cpu.inertia, rtol=1e-4, atol=1e-4)
+    low = batched_kmeans(X.cuda(), lengths.cuda(), k=4, metric=metric, seed=5, distance_dtype="bfloat16")
+    assert (low.labels.cpu() == cpu.labels).float().mean() > 0.99
