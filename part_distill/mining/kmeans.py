@@ -121,30 +121,30 @@ def _points(x, aux, metric, index):
     return p * aux[ar, index][..., None] if metric == "cosine" else p
 
 
-def _scores(x, c):
-    """Raw products [b, m, n] of centers c [b, m, D] with points x [b, n, D] (points along the last
-    dim: the k-row matmul streams the points once, faster than the k-column one on CPU).
-
-    ``x`` may be a low-precision copy (fp16/bf16): the matmul then runs in that dtype and the
-    result comes back in the dtype of ``c``.
-    """
-    dots = torch.bmm(c.to(x.dtype), x.transpose(1, 2))
-    return dots if dots.dtype == c.dtype else dots.to(c.dtype)
-
-
-def _rank(dots, c, metric):
-    """In place: products -> a score whose argmin over centers is the nearest center.
+def _scores(x, c, metric):
+    """[b, m, n] score of points x [b, n, D] against centers c [b, m, D] whose argmin over m is the
+    nearest center: ||c||^2 - 2 x.c for l2, -x.c for cosine (points along the last dim: the
+    m-row matmul streams the points once, faster than the m-column one on CPU).
 
     The per-point term (||x||^2 for l2, the inverse norm for cosine) is left out, as scikit-learn
     does: it cannot change the argmin, and :func:`_to_distance` adds it back for the minimum only.
+    ``x`` may be a low-precision copy (fp16/bf16): the matmul then runs in that dtype and the
+    score comes back in the dtype of ``c``.
     """
+    xt = x.transpose(1, 2)
+    if x.dtype == c.dtype:
+        # One matmul with the scale and the center term folded in (scaling by -2 is exact).
+        if metric == "cosine":
+            return torch.bmm(c.neg(), xt)
+        return torch.baddbmm((c * c).sum(-1)[:, :, None], c, xt, alpha=-2.0)
+    dots = torch.bmm(c.to(x.dtype), xt).to(c.dtype)
     if metric == "cosine":
         return dots.neg_()
     return dots.mul_(-2.0).add_((c * c).sum(-1)[:, :, None])
 
 
 def _to_distance(score, aux, metric):
-    """Score (from :func:`_rank`) of a point [b, ..., n] -> its distance in ``metric`` (in place)."""
+    """Score (from :func:`_scores`) of a point [b, ..., n] -> its distance in ``metric`` (in place)."""
     if metric == "cosine":
         return score.mul_(aux).add_(1.0).clamp_min_(0.0)
     return score.add_(aux).clamp_min_(0.0)
@@ -152,7 +152,7 @@ def _to_distance(score, aux, metric):
 
 def _distances(x, aux, c, metric):
     """[b, n, D] x [b, m, D] -> [b, n, m] distances in ``metric``, matmul based."""
-    d = _to_distance(_rank(_scores(x, c), c, metric), aux[:, None, :], metric)
+    d = _to_distance(_scores(x, c, metric), aux[:, None, :], metric)
     return d.transpose(1, 2)
 
 
@@ -164,44 +164,54 @@ def _nearest(x, aux, c, metric, point_chunk):
     """Index of and distance to the nearest center [b, n], chunked over points to bound memory."""
     b, n, _ = x.shape
     if point_chunk >= n:
-        v, labels = _rank(_scores(x, c), c, metric).min(1)
+        v, labels = _scores(x, c, metric).min(1)
         return labels, _to_distance(v, aux, metric)
     labels = torch.empty(b, n, dtype=torch.long, device=x.device)
     mind = torch.empty(b, n, dtype=aux.dtype, device=x.device)
     for s, e in _blocks(n, point_chunk):
-        v, labels[:, s:e] = _rank(_scores(x[:, s:e], c), c, metric).min(1)
+        v, labels[:, s:e] = _scores(x[:, s:e], c, metric).min(1)
         mind[:, s:e] = _to_distance(v, aux[:, s:e], metric)
     return labels, mind
 
 
-def _lloyd_pass(x, xd, aux, w, sw, c, metric, point_chunk):
+def _lloyd_pass(x, xd, aux, w, sw, c, metric, point_chunk, prev, live):
     """One pass over the points: nearest center, its distance and the new per-cluster sums.
 
     Per block of points (kept in cache between the two matmuls): labels/distances [b, n] and the
-    sums of sw * x [b, k, D] and of w [b, k] (w=0 drops a point).
+    sums of sw * x [b, k, D] and of w [b, k] (w=0 drops a point). Also returns ``same`` [b],
+    labels unchanged from ``prev``; when that holds for every ``live`` row of a single block, the
+    sums (those of the previous pass) are not recomputed and come back as None.
     """
     b, n, d = x.shape
-    ks = torch.arange(c.shape[1], device=x.device)[None, :, None]
+    k = c.shape[1]
 
-    def block(s, e):
-        v, lab = _rank(_scores(xd[:, s:e], c), c, metric).min(1)
-        onehot = (lab[:, None, :] == ks).to(x.dtype)  # [b, k, block]
-        wo = onehot * w[:, None, s:e]
-        so = wo if sw is w else onehot * sw[:, None, s:e]
-        return lab, _to_distance(v, aux[:, s:e], metric), so, wo.sum(2)
+    def labels_of(s, e):
+        v, lab = _scores(xd[:, s:e], c, metric).min(1)
+        return lab, _to_distance(v, aux[:, s:e], metric)
+
+    def sums_of(lab, s, e):
+        # Weighted one-hot [b, k, block]: the center sums are one matmul with the points.
+        wo = x.new_zeros(b, k, e - s).scatter_(1, lab[:, None], w[:, None, s:e])
+        so = wo if sw is w else x.new_zeros(b, k, e - s).scatter_(1, lab[:, None], sw[:, None, s:e])
+        return torch.bmm(so, x[:, s:e]), wo.sum(2)
 
     if point_chunk >= n:
-        labels, mind, so, counts = block(0, n)
-        return labels, mind, torch.bmm(so, x), counts
+        labels, mind = labels_of(0, n)
+        same = ((labels == prev) | (w <= 0)).all(1)
+        if bool((same | ~live).all()):
+            return labels, mind, None, None, same
+        return (labels, mind) + sums_of(labels, 0, n) + (same,)
     labels = torch.empty(b, n, dtype=torch.long, device=x.device)
     mind = torch.empty(b, n, dtype=aux.dtype, device=x.device)
-    sums = x.new_zeros(b, c.shape[1], d)
-    counts = x.new_zeros(b, c.shape[1])
+    sums = x.new_zeros(b, k, d)
+    counts = x.new_zeros(b, k)
     for s, e in _blocks(n, point_chunk):
-        labels[:, s:e], mind[:, s:e], so, cnt = block(s, e)
-        sums.baddbmm_(so, x[:, s:e])
+        lab, mind[:, s:e] = labels_of(s, e)
+        labels[:, s:e] = lab
+        su, cnt = sums_of(lab, s, e)
+        sums += su
         counts += cnt
-    return labels, mind, sums, counts
+    return labels, mind, sums, counts, ((labels == prev) | (w <= 0)).all(1)
 
 
 def _sample_by_cdf(p, u, last):
@@ -236,12 +246,12 @@ def _kmeans_plusplus(x, xd, aux, w, k, metric, u_first, u_trials, point_chunk):
         cand = _sample_by_cdf(p, u_trials[:, c - 1], last)  # [b, t]
         cand_x = _points(x, aux, metric, cand)  # [b, t, D]
         if point_chunk >= n:
-            d_cand = _to_distance(_rank(_scores(xd, cand_x), cand_x, metric), aux[:, None], metric)
+            d_cand = _to_distance(_scores(xd, cand_x, metric), aux[:, None], metric)
             d_cand = torch.minimum(d_cand, closest[:, None])
         else:
             d_cand = torch.empty(b, cand.shape[1], n, dtype=aux.dtype, device=x.device)
             for s, e in _blocks(n, point_chunk):
-                d = _to_distance(_rank(_scores(xd[:, s:e], cand_x), cand_x, metric), aux[:, None, s:e], metric)
+                d = _to_distance(_scores(xd[:, s:e], cand_x, metric), aux[:, None, s:e], metric)
                 torch.minimum(d, closest[:, None, s:e], out=d_cand[:, :, s:e])
         cand_pot = (d_cand * w[:, None, :]).sum(2)  # [b, t]
         best = cand_pot.argmin(1)
@@ -315,22 +325,27 @@ def _fit(x, aux, w, k, metric, init_centers, u_first, u_trials, max_iter, tol, p
     xa, xda, auxa, wa, swa = x, xd, aux, w, sw
     for _ in range(max_iter):
         cur = centers[rows]
-        labels, mind, sums, counts = _lloyd_pass(xa, xda, auxa, wa, swa, cur, metric, point_chunk)
-        new, total = _update_centers(xa, wa, swa, labels, mind, sums, counts, metric)
-        if tol_b is None:
-            mean = total / wsum[:, None]
-            tol_b = ((msq - (mean * mean).sum(1)) / d).clamp_min(0) * tol
+        labels, mind, sums, counts, same = _lloyd_pass(
+            xa, xda, auxa, wa, swa, cur, metric, point_chunk, labels_old[rows], live
+        )
         n_iter[rows] += live.long()
-        shift = ((new - cur) ** 2).sum((1, 2))
-        centers[rows] = torch.where(live[:, None, None], new, cur)
-        same = ((labels == labels_old[rows]) | (wa <= 0)).all(1)
+        if sums is None:
+            # Every live row kept its labels: its centers are final (strict convergence).
+            shift = torch.zeros_like(wa[:, 0])
+        else:
+            new, total = _update_centers(xa, wa, swa, labels, mind, sums, counts, metric)
+            if tol_b is None:
+                mean = total / wsum[:, None]
+                tol_b = ((msq - (mean * mean).sum(1)) / d).clamp_min(0) * tol
+            shift = ((new - cur) ** 2).sum((1, 2))
+            centers[rows] = torch.where(live[:, None, None], new, cur)
         labels_old[rows] = torch.where(live[:, None], labels, labels_old[rows])
         # Strictly converged rows already hold labels/distances that match their final centers.
         strict = live & same
         if strict.any():
             r = rows[strict]
             fin_labels[r], fin_mind[r], fin_ok[r] = labels[strict], mind[strict], True
-        live &= ~(same | (shift <= tol_b[rows]))
+        live &= ~(same if tol_b is None else same | (shift <= tol_b[rows]))
         n_live = int(live.sum())
         if n_live == 0:
             break
