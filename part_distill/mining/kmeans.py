@@ -174,19 +174,20 @@ def _nearest(x, aux, c, metric, point_chunk):
     return labels, mind
 
 
-def _lloyd_pass(x, xd, aux, w, sw, c, metric, point_chunk, prev, live):
+def _lloyd_pass(x, xd, aux, w, sw, c, metric, point_chunk, prev, live, scores=None):
     """One pass over the points: nearest center, its distance and the new per-cluster sums.
 
     Per block of points (kept in cache between the two matmuls): labels/distances [b, n] and the
     sums of sw * x [b, k, D] and of w [b, k] (w=0 drops a point). Also returns ``same`` [b],
     labels unchanged from ``prev``; when that holds for every ``live`` row of a single block, the
-    sums (those of the previous pass) are not recomputed and come back as None.
+    sums (those of the previous pass) are not recomputed and come back as None. ``scores``
+    [b, k, n] (single block only) are this pass's scores when already known (from the seeding).
     """
     b, n, d = x.shape
     k = c.shape[1]
 
     def labels_of(s, e):
-        v, lab = _scores(xd[:, s:e], c, metric).min(1)
+        v, lab = (_scores(xd[:, s:e], c, metric) if scores is None else scores).min(1)
         return lab, _to_distance(v, aux[:, s:e], metric)
 
     def sums_of(lab, s, e):
@@ -228,7 +229,9 @@ def _kmeans_plusplus(x, xd, aux, w, k, metric, u_first, u_trials, point_chunk):
     """Batched greedy k-means++ (scikit-learn's variant). u_* are uniforms drawn by the caller.
 
     Seeds are gathered from ``x``; distances use ``xd`` (``x`` or its low-precision copy). Each
-    round is one pass over the points for all its candidates together.
+    round is one pass over the points for all its candidates together. Returns the seeds
+    [b, k, D] and, when the points were one block, their scores [b, k, n] (:func:`_scores`), which
+    the first Lloyd iteration reuses instead of another pass; else None.
     """
     b, n, _ = x.shape
     ar = torch.arange(b, device=x.device)
@@ -237,7 +240,12 @@ def _kmeans_plusplus(x, xd, aux, w, k, metric, u_first, u_trials, point_chunk):
     last = (n - 1) - pos.flip(1).to(torch.int8).argmax(1)
     first = _sample_by_cdf(w, u_first[:, None], last)[:, 0]
     centers = [_points(x, aux, metric, first)]
-    closest = _nearest(xd, aux, centers[0][:, None], metric, point_chunk)[1]
+    one_block = point_chunk >= n
+    if one_block:
+        scores = [_scores(xd, centers[0][:, None], metric)[:, 0]]
+        closest = _to_distance(scores[0].clone(), aux, metric)
+    else:
+        closest = _nearest(xd, aux, centers[0][:, None], metric, point_chunk)[1]
     pot = (closest * w).sum(1)
     for c in range(1, k):
         # Degenerate rows (all remaining mass 0: duplicates) fall back to weight-proportional picks.
@@ -245,9 +253,9 @@ def _kmeans_plusplus(x, xd, aux, w, k, metric, u_first, u_trials, point_chunk):
         p = torch.where((pot > 0)[:, None], p, w)
         cand = _sample_by_cdf(p, u_trials[:, c - 1], last)  # [b, t]
         cand_x = _points(x, aux, metric, cand)  # [b, t, D]
-        if point_chunk >= n:
-            d_cand = _to_distance(_scores(xd, cand_x, metric), aux[:, None], metric)
-            d_cand = torch.minimum(d_cand, closest[:, None])
+        if one_block:
+            sc = _scores(xd, cand_x, metric)
+            d_cand = torch.minimum(_to_distance(sc.clone(), aux[:, None], metric), closest[:, None])
         else:
             d_cand = torch.empty(b, cand.shape[1], n, dtype=aux.dtype, device=x.device)
             for s, e in _blocks(n, point_chunk):
@@ -256,9 +264,11 @@ def _kmeans_plusplus(x, xd, aux, w, k, metric, u_first, u_trials, point_chunk):
         cand_pot = (d_cand * w[:, None, :]).sum(2)  # [b, t]
         best = cand_pot.argmin(1)
         centers.append(cand_x[ar, best])
+        if one_block:
+            scores.append(sc[ar, best])
         closest = d_cand[ar, best]
         pot = cand_pot[ar, best]
-    return torch.stack(centers, 1)
+    return torch.stack(centers, 1), (torch.stack(scores, 1) if one_block else None)
 
 
 def _normalize_centers(c, metric):
@@ -303,8 +313,9 @@ def _fit(x, aux, w, k, metric, init_centers, u_first, u_trials, max_iter, tol, p
     b, _, d = x.shape
     # Optional low-precision copy for the distance matmuls; sums stay exact.
     xd = x if dist_dtype is None else x.to(dist_dtype)
+    seed_scores = None
     if init_centers is None:
-        centers = _kmeans_plusplus(x, xd, aux, w, k, metric, u_first, u_trials, point_chunk)
+        centers, seed_scores = _kmeans_plusplus(x, xd, aux, w, k, metric, u_first, u_trials, point_chunk)
     else:
         centers = _normalize_centers(init_centers.to(x), metric)
 
@@ -326,8 +337,9 @@ def _fit(x, aux, w, k, metric, init_centers, u_first, u_trials, max_iter, tol, p
     for _ in range(max_iter):
         cur = centers[rows]
         labels, mind, sums, counts, same = _lloyd_pass(
-            xa, xda, auxa, wa, swa, cur, metric, point_chunk, labels_old[rows], live
+            xa, xda, auxa, wa, swa, cur, metric, point_chunk, labels_old[rows], live, seed_scores
         )
+        seed_scores = None
         n_iter[rows] += live.long()
         if sums is None:
             # Every live row kept its labels: its centers are final (strict convergence).
