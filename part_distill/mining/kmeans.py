@@ -23,9 +23,12 @@ they are flagged in ``KMeansResult.skipped`` (labels -1, centers 0, inertia 0, n
 Non-finite features of valid points raise ``ValueError`` (``nan_policy="raise"``) or flag the
 instance as skipped (``nan_policy="skip"``); padding may hold anything, NaN included.
 
-Cost: features are never copied (float32/float64 input); each Lloyd iteration reads them twice
-(assignment bmm, one-hot center-sum bmm), k-means++ k times. Instances that have converged drop
-out of the batch once that saves work.
+Cost: features are never copied (float32/float64 input). Each Lloyd iteration is one fused pass
+per block of points (scores, labels and the new center sums while the block is in cache); the
+first reuses the seeding's scores, and a pass whose labels all stayed put skips the sums. On CPU
+instances are clustered in chunks of ``CPU_CACHE_BYTES`` of features (cache blocking), so
+seeding (k passes for k-means++) and all iterations of a chunk read it from cache: memory is
+read about once. Instances that have converged drop out of the batch once that saves work.
 """
 import math
 from typing import NamedTuple
