@@ -54,7 +54,7 @@ step mining 130 python3 tools/benchmark_mining.py --features res3_res4 --backbon
     --image-size 640 --num-images 80 --batch-size 16 --json "$OUT/mining.json"
 # Decoder goal: ours <= 0.8x HF Mask2Former's time per iteration (R50, 640^2, batch 16, 200 queries,
 # 10 layers), zero host syncs.
-step decoder 170 python3 tools/benchmark_decoder.py --device cuda --bf16 --iters 20 --warmup 5 --check-host-syncs
+step decoder 150 python3 tools/benchmark_decoder.py --device cuda --bf16 --iters 20 --warmup 5 --check-host-syncs
 # GPU-path tests (marker "gpu"; they skip without CUDA).
-step tests 70 python3 -m pytest -q -p no:cacheprovider -m gpu tests/
+step tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/
 echo "done $(date -u), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$summary"
