@@ -146,6 +146,17 @@ def _scores(x, c, metric):
     return dots.mul_(-2.0).add_((c * c).sum(-1)[:, :, None])
 
 
+def _min_over_centers(scores):
+    """(min, first argmin) over dim 1 of scores [b, m, n]; ~2x faster than ``min(1)`` on CPU,
+    whose strided reduction over a short middle dim is slow."""
+    if scores.device.type != "cpu":
+        return scores.min(1)
+    m = scores.shape[1]
+    v = scores.amin(1)
+    first = torch.arange(m, 0, -1, dtype=torch.int16, device=scores.device)[None, :, None]
+    return v, (m - ((scores == v[:, None]) * first).amax(1).long()).clamp_(0, m - 1)
+
+
 def _to_distance(score, aux, metric):
     """Score (from :func:`_scores`) of a point [b, ..., n] -> its distance in ``metric`` (in place)."""
     if metric == "cosine":
@@ -167,22 +178,22 @@ def _nearest(x, aux, c, metric, point_chunk):
     """Index of and distance to the nearest center [b, n], chunked over points to bound memory."""
     b, n, _ = x.shape
     if point_chunk >= n:
-        v, labels = _scores(x, c, metric).min(1)
+        v, labels = _min_over_centers(_scores(x, c, metric))
         return labels, _to_distance(v, aux, metric)
     labels = torch.empty(b, n, dtype=torch.long, device=x.device)
     mind = torch.empty(b, n, dtype=aux.dtype, device=x.device)
     for s, e in _blocks(n, point_chunk):
-        v, labels[:, s:e] = _scores(x[:, s:e], c, metric).min(1)
+        v, labels[:, s:e] = _min_over_centers(_scores(x[:, s:e], c, metric))
         mind[:, s:e] = _to_distance(v, aux[:, s:e], metric)
     return labels, mind
 
 
-def _lloyd_pass(x, xd, aux, w, sw, c, metric, point_chunk, prev, live, scores=None):
+def _lloyd_pass(x, xd, aux, w, sw, c, metric, point_chunk, prev, pad, live, scores=None):
     """One pass over the points: nearest center, its distance and the new per-cluster sums.
 
     Per block of points (kept in cache between the two matmuls): labels/distances [b, n] and the
     sums of sw * x [b, k, D] and of w [b, k] (w=0 drops a point). Also returns ``same`` [b],
-    labels unchanged from ``prev``; when that holds for every ``live`` row of a single block, the
+    labels unchanged from ``prev`` (``pad`` [b, n]: points that do not count); when that holds for every ``live`` row of a single block, the
     sums (those of the previous pass) are not recomputed and come back as None. ``scores``
     [b, k, n] (single block only) are this pass's scores when already known (from the seeding).
     """
@@ -190,7 +201,7 @@ def _lloyd_pass(x, xd, aux, w, sw, c, metric, point_chunk, prev, live, scores=No
     k = c.shape[1]
 
     def labels_of(s, e):
-        v, lab = (_scores(xd[:, s:e], c, metric) if scores is None else scores).min(1)
+        v, lab = _min_over_centers(_scores(xd[:, s:e], c, metric) if scores is None else scores)
         return lab, _to_distance(v, aux[:, s:e], metric)
 
     def sums_of(lab, s, e):
@@ -201,7 +212,7 @@ def _lloyd_pass(x, xd, aux, w, sw, c, metric, point_chunk, prev, live, scores=No
 
     if point_chunk >= n:
         labels, mind = labels_of(0, n)
-        same = ((labels == prev) | (w <= 0)).all(1)
+        same = ((labels == prev) | pad).all(1)
         if bool((same | ~live).all()):
             return labels, mind, None, None, same
         return (labels, mind) + sums_of(labels, 0, n) + (same,)
@@ -215,7 +226,7 @@ def _lloyd_pass(x, xd, aux, w, sw, c, metric, point_chunk, prev, live, scores=No
         su, cnt = sums_of(lab, s, e)
         sums += su
         counts += cnt
-    return labels, mind, sums, counts, ((labels == prev) | (w <= 0)).all(1)
+    return labels, mind, sums, counts, ((labels == prev) | pad).all(1)
 
 
 def _sample_by_cdf(p, u, last):
@@ -336,11 +347,11 @@ def _fit(x, aux, w, k, metric, init_centers, u_first, u_trials, max_iter, tol, p
     fin_ok = torch.zeros(b, dtype=torch.bool, device=x.device)
     rows = torch.arange(b, device=x.device)  # instances still held in xa (iterating or not)
     live = torch.ones(b, dtype=torch.bool, device=x.device)  # of those, still iterating
-    xa, xda, auxa, wa, swa = x, xd, aux, w, sw
+    xa, xda, auxa, wa, swa, pada = x, xd, aux, w, sw, w <= 0
     for _ in range(max_iter):
         cur = centers[rows]
         labels, mind, sums, counts, same = _lloyd_pass(
-            xa, xda, auxa, wa, swa, cur, metric, point_chunk, labels_old[rows], live, seed_scores
+            xa, xda, auxa, wa, swa, cur, metric, point_chunk, labels_old[rows], pada, live, seed_scores
         )
         seed_scores = None
         n_iter[rows] += live.long()
@@ -366,7 +377,7 @@ def _fit(x, aux, w, k, metric, init_centers, u_first, u_trials, max_iter, tol, p
             break
         # Drop finished instances once copying the rest costs less than two more passes over them.
         if 2 * (live.numel() - n_live) >= n_live:
-            rows, xa, wa, swa, auxa = rows[live], xa[live], wa[live], swa[live], auxa[live]
+            rows, xa, wa, swa, auxa, pada = rows[live], xa[live], wa[live], swa[live], auxa[live], pada[live]
             xda = xa if dist_dtype is None else xda[live]
             live = torch.ones(n_live, dtype=torch.bool, device=x.device)
     # Final E-step (as scikit-learn) for the rows that stopped on tolerance or max_iter.
