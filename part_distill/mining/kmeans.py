@@ -437,6 +437,44 @@ def kmeans_flops(n_points, dims, k, n_iter):
     return n_points * dims * (2 * (1 + (k - 1) * _num_trials(k)) + n_iter * 2 * (k + 1))
 
 
+def _plan_chunks(extent, skipped, chunk_size, points_budget):
+    """Chunks of instances to fit together: [(slice or index tensor, points to keep)].
+
+    Each chunk is cut to the largest extent (last valid point + 1) among its instances. With a
+    fixed ``chunk_size``: consecutive instances, skipped ones left out. With a ``points_budget``
+    (CPU cache blocking): consecutive instances while their extents are equal, else sorted by
+    extent so that instances of similar size share a chunk (little padding), each chunk holding
+    at most ``points_budget`` points (padded) unless one instance alone is larger.
+    """
+    ext = extent.masked_fill(skipped, 0).tolist()
+    keep = [i for i, e in enumerate(ext) if e > 0 and not bool(skipped[i])]
+    if not keep:
+        return []
+    if points_budget is None:
+        out = []
+        for s in range(0, len(ext), chunk_size):
+            e = min(len(ext), s + chunk_size)
+            rows = [i for i in range(s, e) if ext[i] > 0]
+            if rows:
+                idx = slice(s, e) if len(rows) == e - s else torch.tensor(rows, device=extent.device)
+                out.append((idx, max(ext[i] for i in rows)))
+        return out
+    uniform = len(keep) == len(ext) and min(ext) == max(ext)
+    order = keep if uniform else sorted(keep, key=lambda i: (ext[i], i))
+    out, start = [], 0
+    while start < len(order):
+        stop = start + 1
+        # Sorted ascending, so the last instance sets the chunk's padded size.
+        while stop < len(order) and (stop - start + 1) * ext[order[stop]] <= points_budget:
+            stop += 1
+        rows = order[start:stop]
+        n = ext[rows[-1]] if not uniform else ext[0]
+        idx = slice(rows[0], rows[-1] + 1) if uniform else torch.tensor(rows, device=extent.device)
+        out.append((idx, n))
+        start = stop
+    return out
+
+
 def _auto_chunk(n, d, k, t, elem, max_chunk_bytes):
     """Instances per chunk so a (possible) gathered copy plus distance temporaries fit the budget."""
     per_instance = n * d * elem + n * max(k, t) * 3 * elem + n * (k + 4) * 8
@@ -551,11 +589,13 @@ def batched_kmeans(
     dist_dtype = _resolve_dist_dtype(distance_dtype)
     elem = torch.finfo(dtype).bits // 8
     point_chunk = int(point_chunk or max(N, 1))
-    if device.type == "cpu" and max_chunk_bytes is None:
+    # Extent of each instance: its points up to the last valid one (the rest is padding).
+    has = valid.any(1)
+    extent = torch.where(has, N - valid.flip(1).to(torch.int8).argmax(1), torch.zeros_like(has, dtype=torch.long))
+    cache_blocked = device.type == "cpu" and max_chunk_bytes is None
+    if cache_blocked:
         # Cache blocking: a chunk's features stay in cache through seeding and every Lloyd
         # iteration, so memory is read about once; points are blocked when one instance is larger.
-        if chunk_size is None:
-            chunk_size = max(1, CPU_CACHE_BYTES // max(N * D * elem, 1))
         point_chunk = min(point_chunk, max(256, CPU_CACHE_BYTES // max(D * elem, 1)))
     elif chunk_size is None:
         if max_chunk_bytes is None:
@@ -563,17 +603,15 @@ def batched_kmeans(
             max_chunk_bytes = torch.cuda.mem_get_info(device)[0] // 4
         chunk_size = _auto_chunk(N, D, k, t, elem, max_chunk_bytes)
 
-    for s in range(0, B, chunk_size):
-        # Contiguous chunks are views; only chunks holding skipped instances need a gather.
-        idx = torch.arange(s, min(B, s + chunk_size), device=device)
-        take = ~skipped[idx]
-        if not take.any():
-            continue
-        feats = features[s : s + chunk_size]
-        if not take.all():
-            idx, feats = idx[take], feats[take]
-        x, aux, finite = _prepare(feats, valid[idx], metric, dtype)
-        w = w_all[idx]
+    for idx, n in _plan_chunks(extent, skipped, chunk_size, CPU_CACHE_BYTES // max(D * elem, 1)
+                               if cache_blocked and chunk_size is None else None):
+        # Contiguous chunks are views; sorted ones (and those dropping skipped instances) gather.
+        if isinstance(idx, slice):
+            feats, v, w = features[idx, :n], valid[idx, :n], w_all[idx, :n]
+            idx = torch.arange(idx.start, idx.stop, device=device)
+        else:
+            feats, v, w = features[idx, :n], valid[idx, :n], w_all[idx, :n]
+        x, aux, finite = _prepare(feats, v, metric, dtype)
         if not finite.all():
             bad = idx[~finite]
             if nan_policy == "raise":
@@ -582,14 +620,14 @@ def batched_kmeans(
                     f"({bad.numel()} instances in this chunk); clean them or pass nan_policy='skip'"
                 )
             skipped[bad] = True
-            idx, x, w, aux = idx[finite], x[finite], w[finite], aux[finite]
+            idx, x, w, aux, v = idx[finite], x[finite], w[finite], aux[finite], v[finite]
             if idx.numel() == 0:
                 continue
         lab, cen, ine, nit = _fit(
             x, aux, w, k, metric, None if given is None else given[idx], u_first[idx], u_trials[idx],
             max_iter, tol, point_chunk, dist_dtype,
         )
-        labels[idx] = torch.where(valid[idx], lab, torch.full_like(lab, -1))
+        labels[idx, :n] = torch.where(v, lab, torch.full_like(lab, -1))
         centers[idx], inertia[idx], n_iter[idx] = cen, ine, nit
     return KMeansResult(labels, centers, inertia, n_iter, skipped)
 
