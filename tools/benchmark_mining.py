@@ -7,7 +7,8 @@
 
 Mines the first N images of parts_world_val (generated under $DETECTRON2_DATASETS if missing) with
 GT objects into a temporary store; the first batch is a warm-up and is not timed. Stages:
-read+objects (image decode + object masks), features (resize + extractor), kmeans (fit),
+read+objects (image decode + object masks), features (resize + extractor), points (object coverage
+-> weighted k-means points), kmeans (fit),
 assign (full-resolution labels), crf, part_masks, encode+write (RLE + JSON shard).
 
 Roofline, measured in the same run (stream read bandwidth, fp32 matmul peak, load average):
