@@ -446,8 +446,8 @@ def _plan_chunks(extent, skipped, chunk_size, points_budget):
     extent so that instances of similar size share a chunk (little padding), each chunk holding
     at most ``points_budget`` points (padded) unless one instance alone is larger.
     """
-    ext = extent.masked_fill(skipped, 0).tolist()
-    keep = [i for i, e in enumerate(ext) if e > 0 and not bool(skipped[i])]
+    ext = extent.masked_fill(skipped, 0).tolist()  # one host sync, also on CUDA
+    keep = [i for i, e in enumerate(ext) if e > 0]
     if not keep:
         return []
     if points_budget is None:
