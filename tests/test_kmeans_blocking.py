@@ -100,3 +100,22 @@ def test_mixed_sizes_equal_one_at_a_time():
         one = batched_kmeans(X[i : i + 1, :n], k=3, metric="l2", instance_seeds=torch.tensor([i]))
         assert torch.equal(res.labels[i, :n], one.labels[0]) and (res.labels[i, n:] == -1).all()
         torch.testing.assert_close(res.centers[i], one.centers[0], rtol=1e-12, atol=1e-12)
+
+
+def test_chunks_on_threads_equal_one_thread(monkeypatch):
+    # With several torch threads on CPU, cache-sized chunks run one per thread: same result.
+    X = _clustered(8, 120, 8, seed=7)
+    lengths = torch.tensor([120, 100, 30, 120, 64, 9, 120, 77])
+    monkeypatch.setattr(km, "CPU_CACHE_BYTES", 2 * 120 * 8 * 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = batched_kmeans(X, lengths, k=4, metric="cosine", seed=2)
+        torch.set_num_threads(2)
+        two = batched_kmeans(X, lengths, k=4, metric="cosine", seed=2)
+        assert torch.get_num_threads() == 2  # restored after the pool
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one.labels, two.labels)
+    torch.testing.assert_close(one.centers, two.centers, rtol=0, atol=0)
+    assert torch.equal(one.n_iter, two.n_iter)

@@ -31,6 +31,7 @@ seeding (k passes for k-means++) and all iterations of a chunk read it from cach
 read about once. Instances that have converged drop out of the batch once that saves work.
 """
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -603,14 +604,12 @@ def batched_kmeans(
             max_chunk_bytes = torch.cuda.mem_get_info(device)[0] // 4
         chunk_size = _auto_chunk(N, D, k, t, elem, max_chunk_bytes)
 
-    for idx, n in _plan_chunks(extent, skipped, chunk_size, CPU_CACHE_BYTES // max(D * elem, 1)
-                               if cache_blocked and chunk_size is None else None):
+    def fit_chunk(chunk):
+        idx, n = chunk
         # Contiguous chunks are views; sorted ones (and those dropping skipped instances) gather.
+        feats, v, w = features[idx, :n], valid[idx, :n], w_all[idx, :n]
         if isinstance(idx, slice):
-            feats, v, w = features[idx, :n], valid[idx, :n], w_all[idx, :n]
             idx = torch.arange(idx.start, idx.stop, device=device)
-        else:
-            feats, v, w = features[idx, :n], valid[idx, :n], w_all[idx, :n]
         x, aux, finite = _prepare(feats, v, metric, dtype)
         if not finite.all():
             bad = idx[~finite]
@@ -622,13 +621,30 @@ def batched_kmeans(
             skipped[bad] = True
             idx, x, w, aux, v = idx[finite], x[finite], w[finite], aux[finite], v[finite]
             if idx.numel() == 0:
-                continue
+                return
         lab, cen, ine, nit = _fit(
             x, aux, w, k, metric, None if given is None else given[idx], u_first[idx], u_trials[idx],
             max_iter, tol, point_chunk, dist_dtype,
         )
         labels[idx, :n] = torch.where(v, lab, torch.full_like(lab, -1))
         centers[idx], inertia[idx], n_iter[idx] = cen, ine, nit
+
+    plan = _plan_chunks(extent, skipped, chunk_size,
+                        CPU_CACHE_BYTES // max(D * elem, 1) if cache_blocked and chunk_size is None else None)
+    threads = torch.get_num_threads() if cache_blocked else 1
+    if threads > 1 and len(plan) > 1:
+        # Cache-sized chunks are small ops: one chunk per thread (each op single-threaded, the GIL
+        # released inside it) scales without the per-op fork/join that stalls on a busy machine.
+        # Chunks write disjoint instances, so the result is the same as one at a time.
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(min(threads, len(plan))) as pool:
+                list(pool.map(fit_chunk, plan))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        for chunk in plan:
+            fit_chunk(chunk)
     return KMeansResult(labels, centers, inertia, n_iter, skipped)
 
 
