@@ -317,7 +317,7 @@ def _add_mining_config(cfg):
     cfg.MINING.MIN_PIXELS = 0
     # Non-finite features: "raise" a ValueError, or "skip" (and count) the instance.
     cfg.MINING.NAN_POLICY = "raise"
-    # Byte budget of one k-means chunk of instances (gathers + distance temporaries); 0 = auto (1 GiB CPU, 1/4 free GPU).
+    # Byte budget of one k-means chunk of instances (gathers + temporaries); 0 = auto (CPU: 16 MiB of features, cache-blocked; GPU: 1/4 free).
     cfg.MINING.CHUNK_BYTES = 0
     # Points per distance block for dataset-level k-means and full-resolution assignment.
     cfg.MINING.POINT_CHUNK = 1 << 16

@@ -278,6 +278,7 @@ class PartMiner:
             return records
         t = time.perf_counter()
         points, weights, owners = self._object_points(ok, grids, sizes)
+        t = self._tick("points", t)
         if points and self.level == "dataset":
             if self.class_centers is None:
                 raise RuntimeError("MINING.LEVEL 'dataset': call fit_classes() (mine_parts does) before mine_batch()")
