@@ -7,7 +7,7 @@ measured process), the streaming path the trainer uses and, with --list, the old
 
   python tools/benchmark_train_loader.py                               # 10^3 and 10^5 images, 100 batches
   python tools/benchmark_train_loader.py --sizes 1000 10000 100000 --list --json output/train_loader.json
-  python tools/benchmark_train_loader.py --audit --json output/scale/audit.json   # docs/scale_data.md, item 3
+  python tools/benchmark_train_loader.py --audit --json output/scale/audit.json   # docs/scale.md, item 3
 
 --audit runs part_distill/engine/scale_audit.py instead: manifests of --shards one-image shards,
 evaluator records per image, the dataset-level k-means sample, collages and ratings.

@@ -2,7 +2,7 @@
 
 Each ``audit_*`` function simulates one step at the size it is given and returns a dict of
 figures: wall seconds of the parts that grow and the memory the step keeps, measured with
-tracemalloc (Python objects and numpy buffers; peak over the step, MB). They back docs/scale_data.md
+tracemalloc (Python objects and numpy buffers; peak over the step, MB). They back docs/scale.md
 and are run by tools/benchmark_train_loader.py --audit. Sizes are arguments, so a test or a
 benchmark can run them small.
 """

@@ -151,6 +151,35 @@ def ranking_fp16_step(case, work_dir):
             "same_nearest_prototype_other_seed": round(agree_seed / max(total, 1), 5)}
 
 
+# ---------------------------------------------------------------- step: train_loader
+_LOADER_CASES = {
+    "tiny": {"images": 300, "batches": 10},
+    "1e3": {"images": 1_000, "batches": 100},
+    "1e4": {"images": 10_000, "batches": 100},
+    "1e5": {"images": 100_000, "batches": 100},
+}
+
+
+@register_step("train_loader", _LOADER_CASES, default=["1e3", "1e4", "1e5"])
+def train_loader_step(case, work_dir):
+    """Training from a part store: a synthetic N-image store in the real format, then a fresh process
+    builds the trainer's loader (streaming, DATALOADER.NUM_WORKERS 0) and draws the batches twice:
+    once scanning the shards, once from the cached index. The loader's own peak RSS is reported
+    (``loader_*``); the harness's peak RSS here is the store generation's."""
+    from ..data.store_simulation import measure_train_loader, write_synthetic_store
+
+    t0 = time.perf_counter()
+    manifest = write_synthetic_store(os.path.join(work_dir, "store"), case["images"])
+    out = {"generate_s": round(time.perf_counter() - t0, 1)}
+    for label in ("scan", "cached"):
+        r = measure_train_loader(manifest, case["batches"])
+        out[f"loader_{label}_peak_rss_mb"] = r["peak_rss_mb"]
+        out[f"loader_{label}_growth_mb"] = round(r["peak_rss_mb"] - r["rss_before_build_mb"], 1)
+        out[f"loader_{label}_build_s"] = r["build_s"]
+    out["draw_s"] = r["draw_s"]
+    return out
+
+
 def _matched_agreement(u, v, k):
     """Points labelled alike by u and v once v's ids are matched one-to-one to u's (Hungarian)."""
     import numpy as np
