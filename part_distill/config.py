@@ -319,7 +319,7 @@ def _add_mining_config(cfg):
     cfg.MINING.MIN_PIXELS = 0
     # Non-finite features: "raise" a ValueError, or "skip" (and count) the instance.
     cfg.MINING.NAN_POLICY = "raise"
-    # Byte budget of one k-means chunk of instances (gathers + distance temporaries); 0 = auto (1 GiB CPU, 1/4 free GPU).
+    # Byte budget of one k-means chunk of instances (gathers + temporaries); 0 = auto (CPU: 16 MiB of features, cache-blocked; GPU: 1/4 free).
     cfg.MINING.CHUNK_BYTES = 0
     # Points per distance block for dataset-level k-means and full-resolution assignment.
     cfg.MINING.POINT_CHUNK = 1 << 16
@@ -436,6 +436,12 @@ def _add_training_config(cfg):
     pd.RANKING.MAX_ITER = 100
     # Base seed; class c uses SEED + c, so the result is independent of the world size.
     pd.RANKING.SEED = 0
+    # Candidate-store class buckets (class c in c % NUM_BUCKETS): a rank reads only its own; <= this many ranks fit.
+    pd.RANKING.NUM_BUCKETS = 32
+    # A class with more candidates is fitted on this many, chosen by a seeded hash of their keys (0 = all).
+    pd.RANKING.MAX_SAMPLES_PER_CLASS = 4096
+    # Storage dtype of candidate features: "float16" (half the disk and reads) or "float32".
+    pd.RANKING.FEATURE_DTYPE = "float16"
 
     pd.ONE_STAGE = CN()
     # Self-training rounds of the one-stage baseline after its training on dataset-level clusters (paper: 2).

@@ -262,6 +262,52 @@ def test_ranking_installs_prototypes_used_by_model(world):
     assert checked > 0
 
 
+def test_ranking_stage_resumes_and_honours_resume_false(world):
+    """A rerun of the ranking stage collects no chunk again and writes the same files; resume=False redoes all."""
+    from part_distill.engine import candidate_store
+    from part_distill.engine.ranking_stage import run_ranking
+
+    _needs_ranker()
+    out = world["tmp"] / "rank_resume"
+    cfg = tiny_cfg(out, "MODEL.WEIGHTS", world["weights"], "PART_DISTILL.RANKING.MIN_CANDIDATES", "1")
+    calls = []
+    old = candidate_store._after_chunk_hook
+    candidate_store._after_chunk_hook = calls.append
+    try:
+        _, first = run_ranking(cfg)
+        files = _files(out / "ranking")
+        n_chunks = len(calls)
+        assert n_chunks == 3  # 5 images, 2 per chunk
+        (out / "ranking" / "candidates" / ".chunk_00000.npy.x.tmp").write_bytes(b"")  # left by a kill
+        calls.clear()
+        _, again = run_ranking(cfg)
+        assert calls == [] and again == first
+        assert _files(out / "ranking") == files
+        _, fresh = run_ranking(cfg, resume=False)
+        assert len(calls) == n_chunks and fresh == first
+    finally:
+        candidate_store._after_chunk_hook = old
+    saved = torch.load(out / "model_final.pth", weights_only=False)["model"]
+    assert bool(saved["ranker.prototype_valid"].any())
+
+
+def test_ranking_without_any_prototype_fails_loudly(world):
+    """MIN_CANDIDATES above every class's count: the report says which classes and why, the stage raises,
+    and no model_final.pth lets the pipeline take the stage for done."""
+    from part_distill.engine.ranking_stage import run_ranking
+
+    _needs_ranker()
+    out = world["tmp"] / "rank_none"
+    cfg = tiny_cfg(out, "MODEL.WEIGHTS", world["weights"], "PART_DISTILL.RANKING.MIN_CANDIDATES", "100000")
+    with pytest.raises(RuntimeError, match="no prototype for any of the 7"):
+        run_ranking(cfg)
+    with open(out / "ranking_report.json") as f:
+        report = json.load(f)
+    assert report["classes_without_prototypes"] == list(range(7))
+    assert "7 of 7 object classes have NO prototype" in report["warning"]
+    assert not (out / "model_final.pth").exists()
+
+
 def test_distill_labels_are_ranker_slots(world):
     from part_distill.engine.ranking_stage import run_ranking
     from part_distill.engine.stages import run_distill

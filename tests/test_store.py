@@ -125,3 +125,22 @@ def test_missing_shard_and_mismatched_config_are_errors(tmp_path):
         store.check_run(run)
     with pytest.raises(FileNotFoundError, match="mine_parts"):
         load_pseudo_labels(str(tmp_path))
+
+
+def test_manifest_is_summed_from_shard_summaries_without_reading_shards(tmp_path, monkeypatch):
+    store, run, _, _ = _store(tmp_path)
+    assert sorted(os.listdir(tmp_path / "summaries")) == ["shard_00000.json", "shard_00001.json"]
+    # Reference: the manifest of the shards themselves (summaries gone, as in a store of older code).
+    other = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(tmp_path, other, ignore=shutil.ignore_patterns("summaries", "copy"))
+    reference = PartStore(other).write_manifest(run, 2)
+
+    def no_shard_reads(*a, **k):
+        raise AssertionError("write_manifest read a shard")
+
+    monkeypatch.setattr(PartStore, "read_shard", no_shard_reads)
+    manifest = store.write_manifest(run, 2)
+    assert {k: manifest[k] for k in ("counts", "shards")} == {k: reference[k] for k in ("counts", "shards")}
+    assert manifest["counts"]["parts"] == 7 and manifest["shards"][0]["images"] == 1

@@ -12,7 +12,8 @@ The store is read with the config's DATASETS.PSEUDO_LABELS filters, as training 
 import argparse
 import json
 
-from part_distill.data.pseudo_labels import PseudoLabelFilters, load_pseudo_labels
+from part_distill.data.pseudo_labels import PseudoLabelFilters
+from part_distill.data.store_dataset import StoreDataset
 from part_distill.engine.setup import build_cfg
 from part_distill.engine.trainer import PartDistillTrainer
 from part_distill.evaluation.fit import fit_to_pseudo_labels
@@ -33,7 +34,7 @@ def main():
     cfg = build_cfg(args.config_file, ["MODEL.WEIGHTS", args.weights, *args.opts])
     model = PartDistillTrainer.build_model(cfg)
     PartDistillCheckpointer(model).load(args.weights)
-    dicts = load_pseudo_labels(args.store, PseudoLabelFilters.from_config(cfg))
+    dicts = StoreDataset(args.store, PseudoLabelFilters.from_config(cfg), drop_empty=False)
     result = {"fit": fit_to_pseudo_labels(model, cfg, dicts, num_images=args.num_images)}
     if args.eval_dataset:
         cfg.defrost()

@@ -8,12 +8,12 @@ Round r of a stage lives in ``OUTPUT_DIR/round_{r}``:
     model_ema.pth      its EMA weights (TEACHER "ema"), the next round's teacher
     round.json         written last: teacher, label counts, checkpoint, next teacher, config hash
 
-A round with round.json is finished and skipped. Otherwise the labels are (re)made shard by shard
+A round with round.json is finished and skipped (a damaged round.json or labels manifest is named in
+a warning and made again, never trusted). Otherwise the labels are (re)made shard by shard
 (finished shards are kept) and the student resumes from the round's last checkpoint, or starts
 from the teacher's weights. The teacher of round 0 is MODEL.WEIGHTS; the teacher of round r > 0 is
 round r-1's final student ("snapshot") or its EMA ("ema"), as ``round.json`` names it.
 """
-import json
 import logging
 import os
 
@@ -25,9 +25,9 @@ from detectron2.utils import comm
 
 from ..config import num_object_classes
 from ..data.fingerprint import CHECKPOINT_KEY, check_sources, source_fingerprints
-from ..data.pseudo_labels import PART_LABEL_KEY, PseudoLabelFilters, load_pseudo_labels
+from ..data.pseudo_labels import PART_LABEL_KEY, PseudoLabelFilters, load_pseudo_labels, register_pseudo_labels
 from ..mining.store import code_version, config_hash, read_manifest
-from ..utils.io import atomic_open, atomic_write_json
+from ..utils.io import DamagedFileError, atomic_open, atomic_write_json, read_json
 from .part_labels import (PartLabelFilters, build_label_mapper, check_label_config, dataset_inputs, file_sha256,
                           label_run_info, unwrap, write_part_label_store)
 from .trainer import PartDistillTrainer
@@ -76,9 +76,12 @@ def measure_fit(cfg, model, dataset_name):
     n = cfg.PART_DISTILL.FIT.NUM_IMAGES
     if n <= 0 or not comm.is_main_process():
         return None
+    from ..data.store_dataset import build_store_train_set
     from ..evaluation.fit import fit_to_pseudo_labels
 
-    return fit_to_pseudo_labels(unwrap(model), cfg, DatasetCatalog.get(dataset_name), num_images=n)
+    # A store streams (the fit reads its first n images with parts); other datasets are lists.
+    dicts = build_store_train_set([dataset_name]) or DatasetCatalog.get(dataset_name)
+    return fit_to_pseudo_labels(unwrap(model), cfg, dicts, num_images=n)
 
 
 def evaluate_labels(cfg, labels_dir, output_dir):
@@ -133,36 +136,13 @@ class EMAHook(HookBase):
 
 # ---------------------------------------------------------------- labels as a training set
 def load_labelled_parts(manifest_path, filters):
-    """The pseudo-label dicts of a label store with each part's ``part_label`` (stage 4) kept.
-
-    ``load_pseudo_labels`` applies the area filters and keeps part ids; the label field is joined
-    back by part id from the shards.
-    """
-    dicts = load_pseudo_labels(manifest_path, filters)
-    manifest = read_manifest(manifest_path)
-    root = manifest_path if os.path.isdir(manifest_path) else os.path.dirname(manifest_path)
-    labels = {}
-    for entry in manifest["shards"]:
-        with open(os.path.join(root, entry["file"])) as f:
-            for a in json.load(f)["annotations"]:
-                if PART_LABEL_KEY in a:
-                    labels[a["id"]] = a[PART_LABEL_KEY]
-    if labels:
-        for d in dicts:
-            for a in d["annotations"]:
-                a[PART_LABEL_KEY] = labels[a["id"]]
-    return dicts
+    """The pseudo-label dicts of a label store with each part's ``part_label`` (stage 4) kept."""
+    return load_pseudo_labels(manifest_path, filters, part_labels=True)
 
 
 def register_labelled_parts(name, manifest_path, filters):
-    from detectron2.data import MetadataCatalog
-
-    path = os.path.abspath(manifest_path)
-    DatasetCatalog.pop(name, None)
-    MetadataCatalog.pop(name, None)
-    DatasetCatalog.register(name, lambda: load_labelled_parts(path, filters))
-    MetadataCatalog.get(name).set(thing_classes=["part"], pseudo_label_manifest=path)
-    return name
+    """Register a label store as a training set; the trainer streams it (data/store_dataset.py)."""
+    return register_pseudo_labels(name, manifest_path, filters, part_labels=True)
 
 
 # ---------------------------------------------------------------- rounds
@@ -204,14 +184,13 @@ def _train_student(cfg, rdir, dataset, init_weights, r):
     ema = None
     if s.TEACHER == "ema":
         ema = ModelEMA(trainer.model, s.EMA_DECAY)
-        trainer.register_hooks([EMAHook(ema)])
+        trainer.register_hooks_before_checkpoint([EMAHook(ema)])
         trainer.checkpointer.add_checkpointable("ema", ema)
     trainer.register_hooks([f(r) for f in _extra_hooks])
     # Resume within the round; a fresh round starts from the teacher's weights (resume_or_load
     # loads MODEL.WEIGHTS when the round has no checkpoint yet), and the EMA starts from them too.
-    has_ckpt = trainer.checkpointer.has_checkpoint()
     trainer.resume_or_load(resume=True)
-    if ema is not None and not has_ckpt:
+    if ema is not None and trainer.checkpointer.resumed_from is None:
         ema.state = {k: v.detach().clone() for k, v in unwrap(trainer.model).state_dict().items()}
     if trainer.start_iter < trainer.max_iter:
         trainer.train()
@@ -227,6 +206,17 @@ def _train_student(cfg, rdir, dataset, init_weights, r):
     # Iterations done: after train() ``iter`` is max_iter; a skipped train leaves start_iter = max_iter.
     return (final, next_teacher, max(trainer.iter, trainer.start_iter), getattr(trainer, "_last_eval_results", None),
             fit)
+
+
+def _read_if_intact(path, what):
+    """The JSON of a job's last-written file, or None when it is missing or damaged (then it is re-made)."""
+    try:
+        return read_json(path, what)
+    except FileNotFoundError:
+        return None
+    except DamagedFileError as e:
+        logger.warning("%s: making it again", e)
+        return None
 
 
 def run_rounds(cfg, *, stage, num_rounds, teacher_cfg_of_round=None, labeler_factory=None):
@@ -248,9 +238,9 @@ def run_rounds(cfg, *, stage, num_rounds, teacher_cfg_of_round=None, labeler_fac
     for r in range(num_rounds):
         rdir = round_dir(cfg, r)
         done = os.path.join(rdir, ROUND_MANIFEST)
-        if os.path.isfile(done):
-            with open(done) as f:
-                info = json.load(f)
+        finished = _read_if_intact(done, "round summary")
+        if finished is not None:
+            info = finished
             # A finished round stands for the data it was labelled from; other data must not reuse it.
             check_sources(info.get("data_fingerprints"), source_fingerprints(s.DATASETS), done)
             logger.info("%s round %d already finished (%s), skipped", stage, r, done)
@@ -258,7 +248,7 @@ def run_rounds(cfg, *, stage, num_rounds, teacher_cfg_of_round=None, labeler_fac
             continue
         teacher_cfg = teacher_cfg_of_round(r) if teacher_cfg_of_round else cfg
         labels_dir = os.path.join(rdir, "labels")
-        if not os.path.isfile(os.path.join(labels_dir, "manifest.json")):
+        if _read_if_intact(os.path.join(labels_dir, "manifest.json"), "labels manifest") is None:
             _label_round(cfg, teacher_cfg, teacher, labels_dir, stage, r, labeler_factory)
         comm.synchronize()
         labels_manifest = read_manifest(labels_dir)

@@ -80,7 +80,7 @@ def run_self_train(cfg, resume=True):
 def run_ranking_stage(cfg, resume=True):
     """Stage 3: fit the class-specific ranker of the MODEL.WEIGHTS model; saves OUTPUT_DIR/model_final.pth."""
     _check_part_model(cfg, "ranking")
-    model, report = run_ranking(cfg)
+    model, report = run_ranking(cfg, resume=resume)
     res = evaluate_stage(cfg, model)
     return dict(res, ranking=report) if res else {"ranking": report}
 

@@ -173,8 +173,8 @@ def run_supervised(cfg, resume=True):
     targets = tuple(register_part_targets(n) for n in train_names)
     cfg = with_overrides(cfg, **{"DATASETS.TRAIN": targets})
     trainer = PartDistillTrainer(cfg)
-    resumed = resume and trainer.checkpointer.has_checkpoint()
     trainer.resume_or_load(resume=resume)
+    resumed = trainer.checkpointer.resumed_from is not None
     init = {"reinitialised": [], "fresh": []}
     if not resumed:
         init = check_initialisation(trainer.checkpointer.last_incompatible, cfg.MODEL.WEIGHTS)

@@ -7,6 +7,7 @@ A model that learned its labels reaches best IoUs near 1; the same network at in
 low (the learning test's control). All queries count, not only confident ones: the measure asks
 whether the decoder can form the masks, ``AR@k`` on val asks whether it ranks them.
 """
+import itertools
 import logging
 
 import numpy as np
@@ -59,7 +60,8 @@ def fit_to_pseudo_labels(model, cfg, dataset_dicts, num_images=16, batch_size=4)
     mapper = build_label_mapper(cfg)
     was_training = model.training
     model.eval()
-    chosen = [d for d in dataset_dicts if d.get("annotations")][:num_images]
+    # Stops at the first num_images: ``dataset_dicts`` may stream a whole store (StoreDataset).
+    chosen = list(itertools.islice((d for d in dataset_dicts if d.get("annotations")), num_images))
     ious = []
     try:
         for i in range(0, len(chosen), batch_size):

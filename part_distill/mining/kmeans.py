@@ -23,11 +23,15 @@ they are flagged in ``KMeansResult.skipped`` (labels -1, centers 0, inertia 0, n
 Non-finite features of valid points raise ``ValueError`` (``nan_policy="raise"``) or flag the
 instance as skipped (``nan_policy="skip"``); padding may hold anything, NaN included.
 
-Cost: features are never copied (float32/float64 input); each Lloyd iteration reads them twice
-(assignment bmm, one-hot center-sum bmm), k-means++ k times. Instances that have converged drop
-out of the batch once that saves work.
+Cost: features are never copied (float32/float64 input). Each Lloyd iteration is one fused pass
+per block of points (scores, labels and the new center sums while the block is in cache); the
+first reuses the seeding's scores, and a pass whose labels all stayed put skips the sums. On CPU
+instances are clustered in chunks of ``CPU_CACHE_BYTES`` of features (cache blocking), so
+seeding (k passes for k-means++) and all iterations of a chunk read it from cache: memory is
+read about once. Instances that have converged drop out of the batch once that saves work.
 """
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -42,10 +46,14 @@ __all__ = [
     "assign",
     "pad_packed",
     "BatchedKMeans",
+    "kmeans_flops",
 ]
 
 METRICS = ("cosine", "l2")
 _EPS = 1e-12
+# Feature bytes per instance chunk on CPU (default): small enough to stay in the L2/L3 caches
+# between the passes of one fit, large enough that per-op overhead stays small.
+CPU_CACHE_BYTES = 16 << 20
 
 
 class KMeansResult(NamedTuple):
@@ -117,45 +125,109 @@ def _points(x, aux, metric, index):
     return p * aux[ar, index][..., None] if metric == "cosine" else p
 
 
-def _distances(x, aux, c, metric):
-    """[b, n, D] x [b, m, D] -> [b, n, m] distances in ``metric``, matmul based.
+def _scores(x, c, metric):
+    """[b, m, n] score of points x [b, n, D] against centers c [b, m, D] whose argmin over m is the
+    nearest center: ||c||^2 - 2 x.c for l2, -x.c for cosine (points along the last dim: the
+    m-row matmul streams the points once, faster than the m-column one on CPU).
 
-    ``x`` may be a low-precision copy (fp16/bf16): the dot products then run in that dtype and
-    everything after them in the dtype of ``aux``.
+    The per-point term (||x||^2 for l2, the inverse norm for cosine) is left out, as scikit-learn
+    does: it cannot change the argmin, and :func:`_to_distance` adds it back for the minimum only.
+    ``x`` may be a low-precision copy (fp16/bf16): the matmul then runs in that dtype and the
+    score comes back in the dtype of ``c``.
     """
-    dots = torch.bmm(x, c.to(x.dtype).transpose(1, 2))
-    if dots.dtype != aux.dtype:
-        dots = dots.to(aux.dtype)
+    xt = x.transpose(1, 2)
+    if x.dtype == c.dtype:
+        # One matmul with the scale and the center term folded in (scaling by -2 is exact).
+        if metric == "cosine":
+            return torch.bmm(c.neg(), xt)
+        return torch.baddbmm((c * c).sum(-1)[:, :, None], c, xt, alpha=-2.0)
+    dots = torch.bmm(c.to(x.dtype), xt).to(c.dtype)
     if metric == "cosine":
-        dots.mul_(aux[:, :, None])
-        return dots.neg_().add_(1.0).clamp_min_(0.0)
-    dots.mul_(-2.0).add_(aux[:, :, None]).add_((c * c).sum(-1)[:, None, :])
-    return dots.clamp_min_(0.0)
+        return dots.neg_()
+    return dots.mul_(-2.0).add_((c * c).sum(-1)[:, :, None])
+
+
+def _min_over_centers(scores):
+    """(min, first argmin) over dim 1 of scores [b, m, n]; ~2x faster than ``min(1)`` on CPU,
+    whose strided reduction over a short middle dim is slow."""
+    if scores.device.type != "cpu":
+        return scores.min(1)
+    m = scores.shape[1]
+    v = scores.amin(1)
+    first = torch.arange(m, 0, -1, dtype=torch.int16, device=scores.device)[None, :, None]
+    return v, (m - ((scores == v[:, None]) * first).amax(1).long()).clamp_(0, m - 1)
+
+
+def _to_distance(score, aux, metric):
+    """Score (from :func:`_scores`) of a point [b, ..., n] -> its distance in ``metric`` (in place)."""
+    if metric == "cosine":
+        return score.mul_(aux).add_(1.0).clamp_min_(0.0)
+    return score.add_(aux).clamp_min_(0.0)
+
+
+def _distances(x, aux, c, metric):
+    """[b, n, D] x [b, m, D] -> [b, n, m] distances in ``metric``, matmul based."""
+    d = _to_distance(_scores(x, c, metric), aux[:, None, :], metric)
+    return d.transpose(1, 2)
+
+
+def _blocks(n, point_chunk):
+    return [(s, min(n, s + point_chunk)) for s in range(0, n, point_chunk)]
 
 
 def _nearest(x, aux, c, metric, point_chunk):
-    """Index of and distance to the nearest center, chunked over points to bound memory."""
+    """Index of and distance to the nearest center [b, n], chunked over points to bound memory."""
     b, n, _ = x.shape
+    if point_chunk >= n:
+        v, labels = _min_over_centers(_scores(x, c, metric))
+        return labels, _to_distance(v, aux, metric)
     labels = torch.empty(b, n, dtype=torch.long, device=x.device)
     mind = torch.empty(b, n, dtype=aux.dtype, device=x.device)
-    for s in range(0, n, point_chunk):
-        e = min(n, s + point_chunk)
-        d = _distances(x[:, s:e], aux[:, s:e], c, metric)
-        mind[:, s:e], labels[:, s:e] = d.min(dim=2)
+    for s, e in _blocks(n, point_chunk):
+        v, labels[:, s:e] = _min_over_centers(_scores(x[:, s:e], c, metric))
+        mind[:, s:e] = _to_distance(v, aux[:, s:e], metric)
     return labels, mind
 
 
-def _cluster_sums(x, w, sw, labels, k, point_chunk):
-    """Per-cluster sums of sw * x [b, k, D] and of w [b, k] via one-hot bmm (w=0 drops a point)."""
+def _lloyd_pass(x, xd, aux, w, sw, c, metric, point_chunk, prev, pad, live, scores=None):
+    """One pass over the points: nearest center, its distance and the new per-cluster sums.
+
+    Per block of points (kept in cache between the two matmuls): labels/distances [b, n] and the
+    sums of sw * x [b, k, D] and of w [b, k] (w=0 drops a point). Also returns ``same`` [b],
+    labels unchanged from ``prev`` (``pad`` [b, n]: points that do not count); when that holds for every ``live`` row of a single block, the
+    sums (those of the previous pass) are not recomputed and come back as None. ``scores``
+    [b, k, n] (single block only) are this pass's scores when already known (from the seeding).
+    """
     b, n, d = x.shape
+    k = c.shape[1]
+
+    def labels_of(s, e):
+        v, lab = _min_over_centers(_scores(xd[:, s:e], c, metric) if scores is None else scores)
+        return lab, _to_distance(v, aux[:, s:e], metric)
+
+    def sums_of(lab, s, e):
+        # Weighted one-hot [b, k, block]: the center sums are one matmul with the points.
+        wo = x.new_zeros(b, k, e - s).scatter_(1, lab[:, None], w[:, None, s:e])
+        so = wo if sw is w else x.new_zeros(b, k, e - s).scatter_(1, lab[:, None], sw[:, None, s:e])
+        return torch.bmm(so, x[:, s:e]), wo.sum(2)
+
+    if point_chunk >= n:
+        labels, mind = labels_of(0, n)
+        same = ((labels == prev) | pad).all(1)
+        if bool((same | ~live).all()):
+            return labels, mind, None, None, same
+        return (labels, mind) + sums_of(labels, 0, n) + (same,)
+    labels = torch.empty(b, n, dtype=torch.long, device=x.device)
+    mind = torch.empty(b, n, dtype=aux.dtype, device=x.device)
     sums = x.new_zeros(b, k, d)
     counts = x.new_zeros(b, k)
-    for s in range(0, n, point_chunk):
-        e = min(n, s + point_chunk)
-        onehot = F.one_hot(labels[:, s:e].clamp_min(0), k).to(x.dtype)
-        sums += torch.bmm((onehot * sw[:, s:e, None]).transpose(1, 2), x[:, s:e])
-        counts += (onehot * w[:, s:e, None]).sum(1)
-    return sums, counts
+    for s, e in _blocks(n, point_chunk):
+        lab, mind[:, s:e] = labels_of(s, e)
+        labels[:, s:e] = lab
+        su, cnt = sums_of(lab, s, e)
+        sums += su
+        counts += cnt
+    return labels, mind, sums, counts, ((labels == prev) | pad).all(1)
 
 
 def _sample_by_cdf(p, u, last):
@@ -171,7 +243,10 @@ def _sample_by_cdf(p, u, last):
 def _kmeans_plusplus(x, xd, aux, w, k, metric, u_first, u_trials, point_chunk):
     """Batched greedy k-means++ (scikit-learn's variant). u_* are uniforms drawn by the caller.
 
-    Seeds are gathered from ``x``; distances use ``xd`` (``x`` or its low-precision copy).
+    Seeds are gathered from ``x``; distances use ``xd`` (``x`` or its low-precision copy). Each
+    round is one pass over the points for all its candidates together. Returns the seeds
+    [b, k, D] and, when the points were one block, their scores [b, k, n] (:func:`_scores`), which
+    the first Lloyd iteration reuses instead of another pass; else None.
     """
     b, n, _ = x.shape
     ar = torch.arange(b, device=x.device)
@@ -180,7 +255,12 @@ def _kmeans_plusplus(x, xd, aux, w, k, metric, u_first, u_trials, point_chunk):
     last = (n - 1) - pos.flip(1).to(torch.int8).argmax(1)
     first = _sample_by_cdf(w, u_first[:, None], last)[:, 0]
     centers = [_points(x, aux, metric, first)]
-    closest = _nearest(xd, aux, centers[0][:, None], metric, point_chunk)[1]
+    one_block = point_chunk >= n
+    if one_block:
+        scores = [_scores(xd, centers[0][:, None], metric)[:, 0]]
+        closest = _to_distance(scores[0].clone(), aux, metric)
+    else:
+        closest = _nearest(xd, aux, centers[0][:, None], metric, point_chunk)[1]
     pot = (closest * w).sum(1)
     for c in range(1, k):
         # Degenerate rows (all remaining mass 0: duplicates) fall back to weight-proportional picks.
@@ -188,29 +268,32 @@ def _kmeans_plusplus(x, xd, aux, w, k, metric, u_first, u_trials, point_chunk):
         p = torch.where((pot > 0)[:, None], p, w)
         cand = _sample_by_cdf(p, u_trials[:, c - 1], last)  # [b, t]
         cand_x = _points(x, aux, metric, cand)  # [b, t, D]
-        t = cand.shape[1]
-        d_cand = torch.empty(b, t, n, dtype=aux.dtype, device=x.device)
-        for s in range(0, n, point_chunk):
-            e = min(n, s + point_chunk)
-            d = _distances(xd[:, s:e], aux[:, s:e], cand_x, metric)
-            d_cand[:, :, s:e] = torch.minimum(d.transpose(1, 2), closest[:, None, s:e])
+        if one_block:
+            sc = _scores(xd, cand_x, metric)
+            d_cand = torch.minimum(_to_distance(sc.clone(), aux[:, None], metric), closest[:, None])
+        else:
+            d_cand = torch.empty(b, cand.shape[1], n, dtype=aux.dtype, device=x.device)
+            for s, e in _blocks(n, point_chunk):
+                d = _to_distance(_scores(xd[:, s:e], cand_x, metric), aux[:, None, s:e], metric)
+                torch.minimum(d, closest[:, None, s:e], out=d_cand[:, :, s:e])
         cand_pot = (d_cand * w[:, None, :]).sum(2)  # [b, t]
         best = cand_pot.argmin(1)
         centers.append(cand_x[ar, best])
+        if one_block:
+            scores.append(sc[ar, best])
         closest = d_cand[ar, best]
         pot = cand_pot[ar, best]
-    return torch.stack(centers, 1)
+    return torch.stack(centers, 1), (torch.stack(scores, 1) if one_block else None)
 
 
 def _normalize_centers(c, metric):
     return F.normalize(c, dim=-1, eps=_EPS) if metric == "cosine" else c
 
 
-def _update_centers(x, w, sw, labels, mind, k, metric, point_chunk):
+def _update_centers(x, w, sw, labels, mind, sums, counts, metric):
     """M-step with empty-cluster repair; returns new centers [b, k, D] and the weighted sum [b, D]."""
-    b = x.shape[0]
+    b, k = counts.shape
     ar = torch.arange(b, device=x.device)
-    sums, counts = _cluster_sums(x, w, sw, labels, k, point_chunk)
     total = sums.sum(1)
     empty = counts <= 0
     if empty.any():
@@ -237,12 +320,17 @@ def _update_centers(x, w, sw, labels, mind, k, metric, point_chunk):
 
 
 def _fit(x, aux, w, k, metric, init_centers, u_first, u_trials, max_iter, tol, point_chunk, dist_dtype):
-    """Fit prepared points x [b, n, D] (``aux`` from _prepare, weights w [b, n]; w=0 is not a point)."""
+    """Fit prepared points x [b, n, D] (``aux`` from _prepare, weights w [b, n]; w=0 is not a point).
+
+    Each Lloyd iteration is one :func:`_lloyd_pass`: the caller sizes ``b`` so the points stay in
+    cache across the pass's two matmuls and across iterations (CPU) or fit in memory (GPU).
+    """
     b, _, d = x.shape
-    # Optional low-precision copy for the distance matmuls (read ~10x per fit); sums stay exact.
+    # Optional low-precision copy for the distance matmuls; sums stay exact.
     xd = x if dist_dtype is None else x.to(dist_dtype)
+    seed_scores = None
     if init_centers is None:
-        centers = _kmeans_plusplus(x, xd, aux, w, k, metric, u_first, u_trials, point_chunk)
+        centers, seed_scores = _kmeans_plusplus(x, xd, aux, w, k, metric, u_first, u_trials, point_chunk)
     else:
         centers = _normalize_centers(init_centers.to(x), metric)
 
@@ -260,31 +348,37 @@ def _fit(x, aux, w, k, metric, init_centers, u_first, u_trials, max_iter, tol, p
     fin_ok = torch.zeros(b, dtype=torch.bool, device=x.device)
     rows = torch.arange(b, device=x.device)  # instances still held in xa (iterating or not)
     live = torch.ones(b, dtype=torch.bool, device=x.device)  # of those, still iterating
-    xa, xda, auxa, wa, swa = x, xd, aux, w, sw
+    xa, xda, auxa, wa, swa, pada = x, xd, aux, w, sw, w <= 0
     for _ in range(max_iter):
         cur = centers[rows]
-        labels, mind = _nearest(xda, auxa, cur, metric, point_chunk)
-        new, total = _update_centers(xa, wa, swa, labels, mind, k, metric, point_chunk)
-        if tol_b is None:
-            mean = total / wsum[:, None]
-            tol_b = ((msq - (mean * mean).sum(1)) / d).clamp_min(0) * tol
+        labels, mind, sums, counts, same = _lloyd_pass(
+            xa, xda, auxa, wa, swa, cur, metric, point_chunk, labels_old[rows], pada, live, seed_scores
+        )
+        seed_scores = None
         n_iter[rows] += live.long()
-        shift = ((new - cur) ** 2).sum((1, 2))
-        centers[rows] = torch.where(live[:, None, None], new, cur)
-        same = ((labels == labels_old[rows]) | (wa <= 0)).all(1)
+        if sums is None:
+            # Every live row kept its labels: its centers are final (strict convergence).
+            shift = torch.zeros_like(wa[:, 0])
+        else:
+            new, total = _update_centers(xa, wa, swa, labels, mind, sums, counts, metric)
+            if tol_b is None:
+                mean = total / wsum[:, None]
+                tol_b = ((msq - (mean * mean).sum(1)) / d).clamp_min(0) * tol
+            shift = ((new - cur) ** 2).sum((1, 2))
+            centers[rows] = torch.where(live[:, None, None], new, cur)
         labels_old[rows] = torch.where(live[:, None], labels, labels_old[rows])
         # Strictly converged rows already hold labels/distances that match their final centers.
         strict = live & same
         if strict.any():
             r = rows[strict]
             fin_labels[r], fin_mind[r], fin_ok[r] = labels[strict], mind[strict], True
-        live &= ~(same | (shift <= tol_b[rows]))
+        live &= ~(same if tol_b is None else same | (shift <= tol_b[rows]))
         n_live = int(live.sum())
         if n_live == 0:
             break
         # Drop finished instances once copying the rest costs less than two more passes over them.
         if 2 * (live.numel() - n_live) >= n_live:
-            rows, xa, wa, swa, auxa = rows[live], xa[live], wa[live], swa[live], auxa[live]
+            rows, xa, wa, swa, auxa, pada = rows[live], xa[live], wa[live], swa[live], auxa[live], pada[live]
             xda = xa if dist_dtype is None else xda[live]
             live = torch.ones(n_live, dtype=torch.bool, device=x.device)
     # Final E-step (as scikit-learn) for the rows that stopped on tolerance or max_iter.
@@ -333,6 +427,55 @@ def _resolve_dist_dtype(distance_dtype):
     return distance_dtype
 
 
+def _num_trials(k):
+    """Greedy k-means++ candidates per round (scikit-learn's 2 + int(log k))."""
+    return 2 + int(math.log(k)) if k > 1 else 1
+
+
+def kmeans_flops(n_points, dims, k, n_iter):
+    """Flops a fit must do: greedy k-means++ ((1 + (k-1) t) point-center products per point) plus,
+    per Lloyd iteration, k products and the center sums. ``n_iter`` may be a per-point mean."""
+    return n_points * dims * (2 * (1 + (k - 1) * _num_trials(k)) + n_iter * 2 * (k + 1))
+
+
+def _plan_chunks(extent, skipped, chunk_size, points_budget):
+    """Chunks of instances to fit together: [(slice or index tensor, points to keep)].
+
+    Each chunk is cut to the largest extent (last valid point + 1) among its instances. With a
+    fixed ``chunk_size``: consecutive instances, skipped ones left out. With a ``points_budget``
+    (CPU cache blocking): consecutive instances while their extents are equal, else sorted by
+    extent so that instances of similar size share a chunk (little padding), each chunk holding
+    at most ``points_budget`` points (padded) unless one instance alone is larger.
+    """
+    ext = extent.masked_fill(skipped, 0).tolist()  # one host sync, also on CUDA
+    keep = [i for i, e in enumerate(ext) if e > 0]
+    if not keep:
+        return []
+    if points_budget is None:
+        out = []
+        for s in range(0, len(ext), chunk_size):
+            e = min(len(ext), s + chunk_size)
+            rows = [i for i in range(s, e) if ext[i] > 0]
+            if rows:
+                idx = slice(s, e) if len(rows) == e - s else torch.tensor(rows, device=extent.device)
+                out.append((idx, max(ext[i] for i in rows)))
+        return out
+    uniform = len(keep) == len(ext) and min(ext) == max(ext)
+    order = keep if uniform else sorted(keep, key=lambda i: (ext[i], i))
+    out, start = [], 0
+    while start < len(order):
+        stop = start + 1
+        # Sorted ascending, so the last instance sets the chunk's padded size.
+        while stop < len(order) and (stop - start + 1) * ext[order[stop]] <= points_budget:
+            stop += 1
+        rows = order[start:stop]
+        n = ext[rows[-1]] if not uniform else ext[0]
+        idx = slice(rows[0], rows[-1] + 1) if uniform else torch.tensor(rows, device=extent.device)
+        out.append((idx, n))
+        start = stop
+    return out
+
+
 def _auto_chunk(n, d, k, t, elem, max_chunk_bytes):
     """Instances per chunk so a (possible) gathered copy plus distance temporaries fit the budget."""
     per_instance = n * d * elem + n * max(k, t) * 3 * elem + n * (k + 4) * 8
@@ -377,8 +520,9 @@ def batched_kmeans(
         min_points: instances with fewer valid points (of positive weight) than
             ``max(k, min_points)`` are skipped.
         nan_policy: "raise" (ValueError naming the instances) or "skip" (flag them as skipped).
-        chunk_size: instances per chunk; default derived from ``max_chunk_bytes`` (default: 1 GiB
-            on CPU, a quarter of the free memory on CUDA).
+        chunk_size: instances per chunk; default: on CPU as many as fit ``CPU_CACHE_BYTES`` of
+            features (cache blocking), else derived from ``max_chunk_bytes`` (default on CUDA:
+            a quarter of the free memory).
         point_chunk: points per distance block (bounds the [b, n, k] temporaries for huge N).
         distance_dtype: torch.float16 / torch.bfloat16 (or their names) to run the distance
             matmuls on a low-precision copy of the features, halving the bytes most passes read;
@@ -422,7 +566,7 @@ def batched_kmeans(
             raise ValueError("init centers contain NaN or inf")
 
     # All randomness is drawn up front on the CPU: device- and chunking-independent results.
-    t = 2 + int(math.log(k)) if k > 1 else 1
+    t = _num_trials(k)
     n_u = 1 + max(k - 1, 0) * t
     if instance_seeds is not None:
         instance_seeds = torch.as_tensor(instance_seeds, dtype=torch.long).flatten()
@@ -444,24 +588,29 @@ def batched_kmeans(
     inertia = torch.zeros(B, dtype=dtype, device=device)
     n_iter = torch.zeros(B, dtype=torch.long, device=device)
     dist_dtype = _resolve_dist_dtype(distance_dtype)
-    if max_chunk_bytes is None:
-        # Features are used in place; the budget only bounds gathers and temporaries.
-        max_chunk_bytes = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 1 << 30
-    if chunk_size is None:
-        chunk_size = _auto_chunk(N, D, k, t, torch.finfo(dtype).bits // 8, max_chunk_bytes)
+    elem = torch.finfo(dtype).bits // 8
     point_chunk = int(point_chunk or max(N, 1))
+    # Extent of each instance: its points up to the last valid one (the rest is padding).
+    has = valid.any(1)
+    extent = torch.where(has, N - valid.flip(1).to(torch.int8).argmax(1), torch.zeros_like(has, dtype=torch.long))
+    cache_blocked = device.type == "cpu" and max_chunk_bytes is None
+    if cache_blocked:
+        # Cache blocking: a chunk's features stay in cache through seeding and every Lloyd
+        # iteration, so memory is read about once; points are blocked when one instance is larger.
+        point_chunk = min(point_chunk, max(256, CPU_CACHE_BYTES // max(D * elem, 1)))
+    elif chunk_size is None:
+        if max_chunk_bytes is None:
+            # Features are used in place; the budget only bounds gathers and temporaries.
+            max_chunk_bytes = torch.cuda.mem_get_info(device)[0] // 4
+        chunk_size = _auto_chunk(N, D, k, t, elem, max_chunk_bytes)
 
-    for s in range(0, B, chunk_size):
-        # Contiguous chunks are views; only chunks holding skipped instances need a gather.
-        idx = torch.arange(s, min(B, s + chunk_size), device=device)
-        take = ~skipped[idx]
-        if not take.any():
-            continue
-        feats = features[s : s + chunk_size]
-        if not take.all():
-            idx, feats = idx[take], feats[take]
-        x, aux, finite = _prepare(feats, valid[idx], metric, dtype)
-        w = w_all[idx]
+    def fit_chunk(chunk):
+        idx, n = chunk
+        # Contiguous chunks are views; sorted ones (and those dropping skipped instances) gather.
+        feats, v, w = features[idx, :n], valid[idx, :n], w_all[idx, :n]
+        if isinstance(idx, slice):
+            idx = torch.arange(idx.start, idx.stop, device=device)
+        x, aux, finite = _prepare(feats, v, metric, dtype)
         if not finite.all():
             bad = idx[~finite]
             if nan_policy == "raise":
@@ -470,15 +619,32 @@ def batched_kmeans(
                     f"({bad.numel()} instances in this chunk); clean them or pass nan_policy='skip'"
                 )
             skipped[bad] = True
-            idx, x, w, aux = idx[finite], x[finite], w[finite], aux[finite]
+            idx, x, w, aux, v = idx[finite], x[finite], w[finite], aux[finite], v[finite]
             if idx.numel() == 0:
-                continue
+                return
         lab, cen, ine, nit = _fit(
             x, aux, w, k, metric, None if given is None else given[idx], u_first[idx], u_trials[idx],
             max_iter, tol, point_chunk, dist_dtype,
         )
-        labels[idx] = torch.where(valid[idx], lab, torch.full_like(lab, -1))
+        labels[idx, :n] = torch.where(v, lab, torch.full_like(lab, -1))
         centers[idx], inertia[idx], n_iter[idx] = cen, ine, nit
+
+    plan = _plan_chunks(extent, skipped, chunk_size,
+                        CPU_CACHE_BYTES // max(D * elem, 1) if cache_blocked and chunk_size is None else None)
+    threads = torch.get_num_threads() if cache_blocked else 1
+    if threads > 1 and len(plan) > 1:
+        # Cache-sized chunks are small ops: one chunk per thread (each op single-threaded, the GIL
+        # released inside it) scales without the per-op fork/join that stalls on a busy machine.
+        # Chunks write disjoint instances, so the result is the same as one at a time.
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(min(threads, len(plan))) as pool:
+                list(pool.map(fit_chunk, plan))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        for chunk in plan:
+            fit_chunk(chunk)
     return KMeansResult(labels, centers, inertia, n_iter, skipped)
 
 

@@ -23,10 +23,12 @@ k-means per object class over the feature points of all its objects in the mined
 every object's pixels are assigned to the nearest of its class's k centers (step 5 above), so a
 cluster id means the same part across the instances of a class. :func:`mine_parts` runs two passes:
   a. collect: each rank extracts the weighted points (steps 1-3) of the images of its own shards
-     (all of them, done or not: the centers depend on the whole dataset), the ranks all-gather them
-     and order them by (image index, object), so every rank holds the 1-process point list;
-  b. fit: per class, a seeded subsample of at most ``MINING.DATASET_MAX_POINTS`` points (the same on
-     every rank) goes into ``BatchedKMeans.fit_dataset``; every rank fits the same centers;
+     (all of them, done or not: the centers depend on the whole dataset) into a bounded seeded
+     sample of at most ``MINING.DATASET_MAX_POINTS`` points per class (point_sample.py: memory
+     does not grow with the dataset); the ranks all-gather and merge their samples, which gives
+     the 1-process sample;
+  b. fit: per class, its sample in (image index, object) order goes into
+     ``BatchedKMeans.fit_dataset``; every rank fits the same centers;
   c. assign: the ordinary sharded, resumable mining loop, with the class centers instead of a
      per-object k-means. Objects of a class with fewer than k points in total are ``too_few_pixels``.
 Pass (a) reads every image twice per run; that is the price of a dataset-wide fit without a cache.
@@ -55,6 +57,7 @@ from ..utils.masks import encode_rle, mask_to_bbox_xywh
 from .features import MINING_FEATURE_REGISTRY, build_feature_extractor
 from .kmeans import METRICS, BatchedKMeans, pad_packed
 from .object_sources import build_object_source
+from .point_sample import ClassPointSample
 from .store import (OBJECT_STRIDE, PART_CATEGORY, PART_STRIDE, PartStore, config_hash, empty_counts,
                     finish_store)
 
@@ -244,23 +247,19 @@ class PartMiner:
                 for (rec, _, _, j), p, w in zip(owners, points, weights)]
 
     def fit_classes(self, collected, seed):
-        """Dataset-level pass (b): per-class centers from :meth:`collect_batch` outputs (any order).
+        """Dataset-level pass (b): per-class centers from :meth:`collect_batch` outputs (any order) or
+        from a :class:`ClassPointSample` of them.
 
-        Points enter in (image index, object) order, so the result does not depend on how the
-        collection was split over batches or ranks. Sets and returns ``self.class_centers``.
+        Each class fits on its bounded seeded sample (at most MINING.DATASET_MAX_POINTS points), in
+        (image index, object) order, so the result does not depend on how the collection was split
+        over batches or ranks. Sets and returns ``self.class_centers``.
         """
-        by_class = defaultdict(list)
-        for index, j, cat, p, w in sorted(collected, key=lambda r: (r[0], r[1])):
-            by_class[cat].append((p, w))
+        sample = collected if isinstance(collected, ClassPointSample) else \
+            ClassPointSample(self.dataset_max_points, seed).add_records(collected)
         centers = {}
-        for cat in sorted(by_class):
-            x = torch.cat([p for p, _ in by_class[cat]]).to(self.device)
-            w = torch.cat([w for _, w in by_class[cat]]).to(self.device)
-            if self.dataset_max_points and x.shape[0] > self.dataset_max_points:
-                g = torch.Generator().manual_seed(_class_seed(seed, cat, 0))
-                keep = torch.randperm(x.shape[0], generator=g)[: self.dataset_max_points].sort().values
-                x, w = x[keep.to(x.device)], w[keep.to(w.device)]
-            res = self.kmeans.fit_dataset(x, weights=w,
+        for cat in sample.classes():
+            x, w = sample.points(cat)
+            res = self.kmeans.fit_dataset(x.to(self.device), weights=w.to(self.device),
                                           generator=torch.Generator().manual_seed(_class_seed(seed, cat, 1)))
             centers[cat] = None if bool(res.skipped) else res.centers
         self.class_centers = centers
@@ -279,6 +278,7 @@ class PartMiner:
             return records
         t = time.perf_counter()
         points, weights, owners = self._object_points(ok, grids, sizes)
+        t = self._tick("points", t)
         if points and self.level == "dataset":
             if self.class_centers is None:
                 raise RuntimeError("MINING.LEVEL 'dataset': call fit_classes() (mine_parts does) before mine_batch()")
@@ -485,19 +485,22 @@ def mine_parts(cfg, overwrite=False, miner=None):
 
 
 def _fit_dataset_level(miner, dicts, chunks, size, bsize, seed):
-    """Passes (a) and (b) of dataset-level mining: collect this rank's points, all-gather, fit."""
-    collected = []
+    """Passes (a) and (b) of dataset-level mining: sample this rank's points, merge the ranks' samples, fit."""
+    sample = ClassPointSample(miner.dataset_max_points, seed)
     for c in chunks:
         items = list(enumerate(dicts[c * size:(c + 1) * size], c * size))
         for b in range(0, len(items), bsize):
-            collected += miner.collect_batch(items[b:b + bsize])
+            sample.add_records(miner.collect_batch(items[b:b + bsize]))
     if comm.get_world_size() > 1:
-        collected = [r for part in comm.all_gather(collected) for r in part]
+        merged = ClassPointSample(miner.dataset_max_points, seed)
+        for state in comm.all_gather(sample.state()):
+            merged.merge(state)
+        sample = merged
     t = time.perf_counter()
-    centers = miner.fit_classes(collected, seed)
+    centers = miner.fit_classes(sample, seed)
     miner.timers["dataset_kmeans"] += time.perf_counter() - t
     logger.info("Dataset-level k-means: %d classes fitted from %d objects", sum(v is not None for v in centers.values()),
-                len(collected))
+                sample.num_objects)
     return centers
 
 

@@ -4,7 +4,9 @@ Layout of ``MINING.OUTPUT_DIR``::
 
     run.json                    config subset + inputs + their hash, written before any shard
     shards/shard_00000.json     images [c*SHARD_SIZE, (c+1)*SHARD_SIZE) of the mined image list
+    summaries/shard_00000.json  its config hash, image / part numbers and counts (for the manifest)
     manifest.json               run.json + code version + shard list + summed counts (written last)
+    stream_index/               cached byte-offset indexes of training readers (data/store_dataset.py)
 
 A shard is a COCO dataset (``pycocotools.coco.COCO`` and detectron2's ``load_coco_json`` read it):
 ``images`` (``id`` = position in the mined list + 1, plus ``file_name``, ``height``, ``width``,
@@ -20,15 +22,24 @@ object id = (image index + 1) * OBJECT_STRIDE + object row, part id = object id 
 
 Shards are numbered globally and rank r mines shards c with c % world_size == r, so the files
 (and the manifest) do not depend on the world size, and a rerun skips every shard already on disk.
+
+Resume after a kill anywhere: files are written atomically (temp file + rename), so a kill leaves
+complete files plus at most a temp file per writer. ``start_run`` deletes those temp files and every
+shard that does not parse or is not the shard it claims to be (named in a warning), so the rerun
+re-makes it; a shard of another configuration is refused (``ConfigMismatchError``), never mixed in.
 """
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 
+import numpy as np
+
 from ..utils.hashing import config_hash
-from ..utils.io import atomic_write_json
+from ..utils.io import DamagedFileError, atomic_write_json, read_json, remove_stale_temps
 
 __all__ = [
     "EmptyStoreError",
@@ -41,6 +52,9 @@ __all__ = [
     "PART_CATEGORY",
     "empty_counts",
     "add_counts",
+    "scan_shard",
+    "read_span",
+    "shard_summary",
 ]
 
 FORMAT_VERSION = 1
@@ -97,6 +111,8 @@ class PartStore:
     RUN = "run.json"
     MANIFEST = "manifest.json"
     SHARDS = "shards"
+    SUMMARIES = "summaries"
+    STREAM_INDEX = "stream_index"
 
     def __init__(self, output_dir):
         if not output_dir:
@@ -123,8 +139,7 @@ class PartStore:
     # ------------------------------------------------------------ run stamp
     def read_run(self):
         try:
-            with open(os.path.join(self.root, self.RUN)) as f:
-                return json.load(f)
+            return read_json(os.path.join(self.root, self.RUN), "the store's run stamp")
         except FileNotFoundError:
             return None
 
@@ -135,7 +150,12 @@ class PartStore:
         """
         if overwrite:
             return
-        existing = self.read_run()
+        try:
+            existing = self.read_run()
+        except DamagedFileError as e:
+            # Each shard carries its config hash: start_run checks those and re-makes the stamp.
+            logger.warning("%s: it will be written again", e)
+            return
         if existing is None:
             if self.existing_shards():
                 raise ConfigMismatchError(
@@ -157,21 +177,75 @@ class PartStore:
         """Main process only: clear the store if ``overwrite``, then stamp it with ``run_info``."""
         if overwrite:
             shutil.rmtree(os.path.join(self.root, self.SHARDS), ignore_errors=True)
+            # The old shards' summaries and readers' caches (data/store_dataset.py).
+            for d in (self.SUMMARIES, self.STREAM_INDEX):
+                shutil.rmtree(os.path.join(self.root, d), ignore_errors=True)
             for name in (self.RUN, self.MANIFEST):
                 if os.path.exists(os.path.join(self.root, name)):
                     os.unlink(os.path.join(self.root, name))
         os.makedirs(os.path.join(self.root, self.SHARDS), exist_ok=True)
-        if self.read_run() is None:
+        for d in ("", self.SHARDS, self.SUMMARIES):
+            remove_stale_temps(os.path.join(self.root, d))
+        self.remove_damaged_shards(run_info)
+        try:
+            stamped = self.read_run() is not None
+        except DamagedFileError:
+            stamped = False
+        if not stamped:
             atomic_write_json(os.path.join(self.root, self.RUN), run_info, indent=1, sort_keys=True)
 
+    def remove_damaged_shards(self, run_info):
+        """Delete (and name) the shards that do not parse or hold another chunk, so they are re-made, and
+        write the summary a complete shard lacks; returns the deleted names. A complete shard of another configuration raises ConfigMismatchError."""
+        removed = []
+        for name in self.existing_shards():
+            path = os.path.join(self.root, self.SHARDS, name)
+            try:
+                shard = self.read_shard(name)
+                info = shard["info"]
+                ok = info["chunk"] == int(name[len("shard_"):-len(".json")]) and "counts" in shard
+            except (DamagedFileError, KeyError, TypeError, ValueError) as e:
+                ok, info = False, {}
+                logger.warning("Shard %s is damaged (%s): deleted, it will be made again", path, e)
+            else:
+                if not ok:
+                    logger.warning("Shard %s does not hold chunk %s: deleted, it will be made again", path, name)
+            if ok and info.get("config_hash") != run_info["config_hash"]:
+                raise ConfigMismatchError(f"{path} was made with another configuration (hash "
+                                          f"{info.get('config_hash')} vs {run_info['config_hash']}); "
+                                          "use a new output directory or pass --overwrite")
+            if ok and not os.path.isfile(os.path.join(self.root, self.SUMMARIES, name)):
+                # Killed between the shard and its summary: the rerun skips the shard, so write it here.
+                atomic_write_json(os.path.join(self.root, self.SUMMARIES, name), shard_summary(shard), **_JSON)
+            if not ok:
+                os.unlink(path)
+                with contextlib.suppress(FileNotFoundError):  # its summary describes the lost shard
+                    os.unlink(os.path.join(self.root, self.SUMMARIES, name))
+                removed.append(name)
+        return removed
+
     # ------------------------------------------------------------ shards
+    def summary_path(self, chunk):
+        return os.path.join(self.root, self.SUMMARIES, self.shard_name(chunk))
+
     def write_shard(self, chunk, shard):
         atomic_write_json(self.shard_path(chunk), shard, **_JSON)
+        # What the manifest needs of the shard, so writing it never re-reads the shards (terabytes at
+        # ImageNet scale). Written second: a shard without one (killed in between, older stores) is read.
+        atomic_write_json(self.summary_path(chunk), shard_summary(shard), **_JSON)
+
+    def read_summary(self, chunk):
+        """:func:`shard_summary` of a shard on disk, from its summary file (or the shard when it has none)."""
+        try:
+            with open(self.summary_path(chunk)) as f:
+                return json.load(f)
+        except (FileNotFoundError, ValueError):  # none yet, or damaged: the shard itself is the truth
+            return shard_summary(self.read_shard(chunk))
 
     def read_shard(self, chunk_or_name):
         name = chunk_or_name if isinstance(chunk_or_name, str) else self.shard_name(chunk_or_name)
-        with open(os.path.join(self.root, self.SHARDS, name)) as f:
-            return json.load(f)
+        return read_json(os.path.join(self.root, self.SHARDS, name),
+                         "shard (delete it and rerun the job that wrote it to make it again)")
 
     def write_manifest(self, run_info, num_chunks, empty_hint=None):
         """Sum the counts of all ``num_chunks`` shards into manifest.json (main process, last).
@@ -184,12 +258,12 @@ class PartStore:
             raise RuntimeError(f"cannot write the manifest of {self.root}: shards {missing[:10]} are missing")
         counts, shards = empty_counts(), []
         for c in range(num_chunks):
-            shard = self.read_shard(c)
-            if shard["info"]["config_hash"] != run_info["config_hash"]:
+            summary = self.read_summary(c)
+            if summary["config_hash"] != run_info["config_hash"]:
                 raise ConfigMismatchError(f"{self.shard_path(c)} was mined with another configuration")
-            add_counts(counts, shard["counts"])
+            add_counts(counts, summary["counts"])
             shards.append({"file": os.path.join(self.SHARDS, self.shard_name(c)),
-                           "images": len(shard["images"]), "parts": len(shard["annotations"])})
+                           "images": summary["images"], "parts": summary["parts"]})
         if empty_hint is not None and counts["parts"] == 0:
             raise EmptyStoreError(f"{self.root}: 0 parts in {num_chunks} shard(s) (counts {counts}); {empty_hint}. "
                                   "No manifest was written.")
@@ -197,6 +271,12 @@ class PartStore:
                         shards=shards, counts=counts)
         atomic_write_json(os.path.join(self.root, self.MANIFEST), manifest, indent=1, sort_keys=True)
         return manifest
+
+
+def shard_summary(shard):
+    """The part of a shard its manifest entry needs: config hash, image and part numbers, counts."""
+    return {"config_hash": shard["info"]["config_hash"], "images": len(shard["images"]),
+            "parts": len(shard["annotations"]), "counts": shard["counts"]}
 
 
 def finish_store(store, run_info, num_chunks, what="Part store", empty_hint="check the inputs and the config"):
@@ -227,9 +307,82 @@ def read_manifest(path):
     if os.path.isdir(path):
         path = os.path.join(path, PartStore.MANIFEST)
     try:
-        with open(path) as f:
-            return json.load(f)
+        return read_json(path, "manifest (rerun the job that wrote it: finished shards are kept)")
     except FileNotFoundError:
         raise FileNotFoundError(
             f"no mined-parts manifest at {path}: run tools/mine_parts.py to completion first "
             "(the manifest is written after the last shard)") from None
+
+
+# ---------------------------------------------------------------- reading shards by byte span
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+# Top-level lists of a shard whose elements scan_shard locates (one element = one image / part / object).
+SPANNED_LISTS = ("images", "annotations", "objects")
+
+
+def scan_shard(path):
+    """Parse a shard once, also returning where each element of its SPANNED_LISTS lies in the file.
+
+    Returns ``(shard, spans)``: ``shard`` is what ``json.load`` gives, ``spans[key]`` an int64 array
+    [n, 2] of the byte (start, end) of element i of ``shard[key]``, so a reader can later decode one
+    image's records alone (:func:`read_span`) instead of the whole shard.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    # Stores are written ASCII-only (json's ensure_ascii); latin-1 keeps char offsets = byte offsets
+    # otherwise, and the elements holding text are then decoded again from their bytes.
+    ascii_only = data.isascii()
+    text = data.decode("ascii" if ascii_only else "latin-1")
+    shard, spans = {}, {}
+    try:
+        i = _WS.match(text, _expect(text, _WS.match(text, 0).end(), "{")).end()
+        while text[i] != "}":
+            key, i = _DECODER.raw_decode(text, i)
+            i = _WS.match(text, _expect(text, _WS.match(text, i).end(), ":")).end()
+            if key in SPANNED_LISTS and text[i] == "[":
+                shard[key], spans[key], i = _scan_list(text, i)
+                if not ascii_only:
+                    shard[key] = [json.loads(data[s:e]) for s, e in spans[key]]
+            else:
+                start = i
+                value, i = _DECODER.raw_decode(text, i)
+                shard[key] = value if ascii_only else json.loads(data[start:i])
+            i = _WS.match(text, i).end()
+            if text[i] == ",":
+                i = _WS.match(text, i + 1).end()
+    except (IndexError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid store shard (JSON object expected): {e}") from None
+    for key in SPANNED_LISTS:
+        spans.setdefault(key, np.zeros((0, 2), np.int64))
+        shard.setdefault(key, [])
+    return shard, spans
+
+
+def _expect(text, i, char):
+    if text[i] != char:
+        raise ValueError(f"{char!r} expected at byte {i}, found {text[i]!r}")
+    return i + 1
+
+
+def _scan_list(text, i):
+    items, spans = [], []
+    i = _WS.match(text, i + 1).end()
+    while text[i] != "]":
+        obj, end = _DECODER.raw_decode(text, i)
+        items.append(obj)
+        spans.append((i, end))
+        i = _WS.match(text, end).end()
+        if text[i] == ",":
+            i = _WS.match(text, i + 1).end()
+        elif text[i] != "]":
+            raise ValueError(f"',' or ']' expected at byte {i}")
+    return items, np.asarray(spans, np.int64).reshape(-1, 2), i + 1
+
+
+def read_span(f, start, end):
+    """The list of the consecutive elements in bytes [start, end) of an open shard file (see scan_shard)."""
+    if end <= start:
+        return []
+    f.seek(start)
+    return json.loads(b"[" + f.read(end - start) + b"]")

@@ -15,6 +15,13 @@ ImageNet Swin pickles (``matching_heuristics``) alike, and for Hugging Face ``tr
 Mask2Former weights (a ``save_pretrained`` folder, ``.safetensors``, ``.bin``), renamed to the
 original names first by ``hf_import.convert_hf_mask2former_state_dict``. It keeps the last load's
 missing/unexpected/incorrect-shape keys in ``last_incompatible``.
+
+It also makes training resumable after a kill anywhere: checkpoints and ``last_checkpoint`` are
+written atomically; a resume deletes the temp files a killed save left and loads the newest
+*intact* ``model_{iter}.pth`` / ``model_final.pth`` (a damaged one is named in a warning and
+skipped, so its iterations are trained, and it is saved, again); ``resumed_from`` names the file,
+None when training starts from ``MODEL.WEIGHTS``. A damaged file given to :meth:`load` raises
+:class:`~part_distill.utils.io.DamagedFileError` naming it.
 """
 import logging
 import os
@@ -27,6 +34,7 @@ from fvcore.common.checkpoint import _IncompatibleKeys
 from timm.models.swin_transformer import get_relative_position_index
 
 from ..data.fingerprint import CHECKPOINT_KEY
+from ..utils.io import DamagedFileError, atomic_open, atomic_write_bytes, remove_stale_temps
 from .backbone.swin import D2SwinTransformer
 from .hf_import import (convert_hf_mask2former_state_dict, hf_weights_file, is_hf_mask2former_state_dict,
                         read_hf_state_dict)
@@ -37,6 +45,8 @@ __all__ = ["PartDistillCheckpointer", "convert_mask2former_state_dict", "convert
 logger = logging.getLogger(__name__)
 
 _DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.(.+)$")
+# Files a training run saves with its full state (the resume candidates).
+_TRAINING_CHECKPOINT = re.compile(r"^model_(\d+|final)\.pth$")
 _DERIVED_BUFFER = re.compile(r"^layers\.\d+\.blocks\.\d+\.(attn\.relative_position_index|attn_mask)$")
 
 
@@ -131,6 +141,7 @@ class PartDistillCheckpointer(DetectionCheckpointer):
     """
 
     last_incompatible: Optional[_IncompatibleKeys] = None
+    resumed_from: Optional[str] = None
     # Saved into every checkpoint this checkpointer writes (e.g. the trainer's dataset fingerprints),
     # beside what the hooks pass to save(); a load keeps the file's own entries in ``last_metadata``.
     metadata: Optional[Dict] = None
@@ -138,20 +149,77 @@ class PartDistillCheckpointer(DetectionCheckpointer):
     METADATA_KEYS = (CHECKPOINT_KEY,)
 
     def save(self, name, **kwargs):
-        super().save(name, **{**(self.metadata or {}), **kwargs})
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(self.metadata or {})
+        data.update(kwargs)
+        path = os.path.join(self.save_dir, f"{name}.pth")
+        self.logger.info(f"Saving checkpoint to {path}")
+        with atomic_open(path, "wb") as f:
+            torch.save(data, f)
+        self.tag_last_checkpoint(os.path.basename(path))
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        atomic_write_bytes(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename.encode())
 
     def load(self, path, checkpointables=None):
         # fvcore only opens files: a save_pretrained folder stands for its weights file.
         if path and os.path.isdir(path):
             path = hf_weights_file(path)
-        extra = super().load(path, checkpointables)
+        try:
+            extra = super().load(path, checkpointables)
+        finally:
+            # detectron2 resets it only when a load succeeds; a failed one would block the next.
+            self._parsed_url_during_load = None
         self.last_metadata = {k: extra[k] for k in self.METADATA_KEYS if k in (extra or {})}
         return extra
 
     def _load_file(self, filename):
         if filename.endswith((".safetensors", ".index.json")):
             return {"model": read_hf_state_dict(filename), "__author__": "huggingface"}
-        return super()._load_file(filename)
+        try:
+            return super()._load_file(filename)
+        except OSError:
+            raise
+        except Exception as e:  # torch / pickle name no file when a checkpoint is cut short
+            raise DamagedFileError(f"checkpoint {filename} is damaged or not a checkpoint "
+                                   f"({type(e).__name__}: {e})") from e
+
+    def resume_candidates(self) -> List[str]:
+        """Full-state checkpoints in ``save_dir``, newest first."""
+        if not self.save_dir or not os.path.isdir(self.save_dir):
+            return []
+        found = [m.group(1) for m in map(_TRAINING_CHECKPOINT.match, os.listdir(self.save_dir)) if m]
+        # "final" is saved after the last numbered one.
+        found.sort(key=lambda it: (it == "final", int(it) if it != "final" else 0), reverse=True)
+        paths = [os.path.join(self.save_dir, f"model_{it}.pth") for it in found]
+        # A kill between a save and its tag leaves last_checkpoint one behind: the newest file wins,
+        # and the tag only adds a checkpoint of another name.
+        last = self.get_checkpoint_file() if self.has_checkpoint() else ""
+        if os.path.isfile(last) and last not in paths:
+            paths = [last] + paths
+        return paths
+
+    def resume_or_load(self, path, *, resume=True):
+        """Resume from the newest intact training checkpoint, else load ``path`` (weights only)."""
+        from detectron2.utils import comm
+
+        self.resumed_from = None
+        if resume and self.save_dir:
+            if comm.is_main_process():
+                # Every rank is here, before any save: no atomic write is in progress.
+                remove_stale_temps(self.save_dir)
+            for candidate in self.resume_candidates():
+                try:
+                    out = self.load(candidate)
+                except DamagedFileError as e:
+                    logger.warning(f"{e}: not resuming from it")
+                    continue
+                self.resumed_from = candidate
+                return out
+        return self.load(path, checkpointables=[])
 
     def _load_model(self, checkpoint) -> _IncompatibleKeys:
         self._convert_ndarray_to_tensor(checkpoint["model"])
