@@ -253,6 +253,8 @@ def _add_model_config(cfg):
     cfg.MODEL.PART_DISTILL.TEST.PARTS_PER_IMAGE = 0
     # Return the decoded part query features f^p as parts.pred_features (needed by the ranker).
     cfg.MODEL.PART_DISTILL.TEST.RETURN_FEATURES = True
+    # GT objects of another vocabulary: "" ids are the model's | "names" match by name | a JSON {dataset: model class}.
+    cfg.MODEL.PART_DISTILL.TEST.GT_CLASS_MAP = ""
     cfg.MODEL.PART_DISTILL.OBJECT_CROP = CN()
     # D^p works on object-centric crops (train: each object of a batch; test: each owner object), modeling/object_crops.py.
     cfg.MODEL.PART_DISTILL.OBJECT_CROP.ENABLED = False

@@ -1,11 +1,11 @@
-"""The decoder benchmark's inputs, model setup and report (part_distill/modeling/benchmark.py)."""
+"""The decoder benchmark's inputs, model setup and report (part_distill/benchmarks/decoder.py)."""
 import warnings
 
 import pytest
 import torch
 from detectron2.structures import ImageList
 
-from part_distill.modeling.benchmark import (
+from part_distill.benchmarks.decoder import (
     BenchSizes,
     ModelResult,
     build_hf,

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from part_distill.engine import scale_benchmark
+from part_distill.benchmarks import scale as scale_benchmark
 
 
 @pytest.mark.slow

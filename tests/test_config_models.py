@@ -9,6 +9,7 @@ import torch
 
 import part_distill  # noqa: F401  (registers everything)
 from conftest import TINY_VOCABULARY
+from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from part_distill.engine.setup import build_cfg
 from part_distill.mining.features import build_feature_extractor
@@ -55,11 +56,17 @@ def test_config_builds_at_tiny_size(rel, detector_vocabulary):
         assert tuple(model.ranker.prototypes.shape[:2]) == (len(TINY_VOCABULARY), 8)
         expected = len(TINY_VOCABULARY) * 8 if cfg.PART_DISTILL.STAGE == "distill" else 1
         assert cfg.MODEL.PART_DISTILL.NUM_PART_CLASSES == expected
+    if rel.startswith("few_shot"):
+        # The target's part vocabulary and object classes, from its registered metadata.
+        meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
+        assert cfg.MODEL.PART_DISTILL.NUM_PART_CLASSES == len(meta.part_classes)
+        assert cfg.MODEL.PART_DISTILL.NUM_OBJECT_CLASSES == len(meta.thing_classes)
+        assert cfg.DATASETS.TEST[0].replace("_val_", "_train_") == cfg.DATASETS.TRAIN[0]
 
 
 def test_imagenet_configs_start_with_their_command():
     for rel in CONFIGS:
-        if not rel.startswith("imagenet") or os.path.basename(rel).startswith("Base-"):
+        if not rel.startswith(("imagenet", "zero_shot", "few_shot")) or os.path.basename(rel).startswith("Base-"):
             continue
         with open(os.path.join(CONFIG_DIR, rel)) as f:
             header = []

@@ -15,9 +15,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import part_distill  # noqa: F401  (registers datasets and models)
 from part_distill.data.parts_world import WorldSettings
-from part_distill.engine.learning_ablation import (DEFAULT_VARIANT, ablation_rows, build_ablation_steps,
+from part_distill.drivers.learning_ablation import (DEFAULT_VARIANT, ablation_rows, build_ablation_steps,
                                                   write_ablation_table)
-from part_distill.engine.pipeline import record_timings
+from part_distill.drivers.pipeline import record_timings
 from part_distill.engine.supervised import part_target_dicts
 from part_distill.engine.trainer import PartDistillTrainer
 from part_distill.evaluation.fit import best_ious, fit_summary, fit_to_pseudo_labels

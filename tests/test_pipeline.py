@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from part_distill.engine.demo import build_demo_steps, collect_results, update_readme, write_demo_report
-from part_distill.engine.pipeline import Step, StepFailed, run_steps
+from part_distill.drivers.demo import build_demo_steps, collect_results, update_readme, write_demo_report
+from part_distill.drivers.pipeline import Step, StepFailed, run_steps
 
 
 def _script(tmp_path, name, body):
@@ -123,7 +123,7 @@ def test_demo_steps_reuse_a_teacher_and_pass_mining_options():
 
 
 def test_part_awareness_table_joins_probes_and_pipelines(tmp_path):
-    from part_distill.engine.part_awareness_lab import (IMAGENET_LABEL, build_lab_steps, particle_label,
+    from part_distill.drivers.part_awareness_lab import (IMAGENET_LABEL, build_lab_steps, particle_label,
                                                         write_lab_table)
     from part_distill.probes.report import write_report
 
@@ -153,7 +153,7 @@ def test_part_awareness_table_joins_probes_and_pipelines(tmp_path):
 
 
 def test_per_class_plot_reads_gt_object_metrics_only(tmp_path, monkeypatch):
-    from part_distill.engine import demo
+    from part_distill.drivers import demo
 
     seen = {}
     monkeypatch.setattr("matplotlib.axes.Axes.bar", lambda self, x, y, **k: seen.update(zip(x, y)))

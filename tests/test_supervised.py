@@ -11,7 +11,7 @@ import part_distill  # noqa: F401  (registers datasets and models)
 from detectron2.data import DatasetCatalog
 from detectron2.utils.env import seed_all_rng
 from part_distill.data.parts_world import WorldSettings
-from part_distill.engine.few_shot_table import build_few_shot_steps, few_shot_markdown, write_few_shot_table
+from part_distill.drivers.few_shot_table import build_few_shot_steps, few_shot_markdown, write_few_shot_table
 from part_distill.engine.setup import build_cfg
 from part_distill.engine.supervised import (REINITIALISED_KEYS, check_initialisation, part_target_dicts,
                                             run_supervised)

@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from part_distill.modeling.benchmark import R50_CONFIG, BenchSizes, run_benchmark
+from part_distill.benchmarks.decoder import R50_CONFIG, BenchSizes, run_benchmark
 
 
 def main():

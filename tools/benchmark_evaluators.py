@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from part_distill.evaluation.benchmark import benchmark_evaluators
+from part_distill.benchmarks.evaluators import benchmark_evaluators
 
 
 def main():

@@ -9,7 +9,7 @@ measured process), the streaming path the trainer uses and, with --list, the old
   python tools/benchmark_train_loader.py --sizes 1000 10000 100000 --list --json output/train_loader.json
   python tools/benchmark_train_loader.py --audit --json output/scale/audit.json   # docs/scale.md, item 3
 
---audit runs part_distill/engine/scale_audit.py instead: manifests of --shards one-image shards,
+--audit runs part_distill/benchmarks/scale_audit.py instead: manifests of --shards one-image shards,
 evaluator records per image, the dataset-level k-means sample, collages and ratings.
 """
 import argparse
@@ -40,7 +40,7 @@ def main():
 
 
 def _audit(args):
-    from part_distill.engine import scale_audit as a
+    from part_distill.benchmarks import scale_audit as a
 
     root = os.path.join(args.root, "audit")
     steps = [

@@ -12,8 +12,8 @@ import argparse
 import os
 import sys
 
-from part_distill.engine.learning_ablation import VARIANTS, build_ablation_steps, write_ablation_table
-from part_distill.engine.pipeline import StepFailed, record_timings, run_steps
+from part_distill.drivers.learning_ablation import VARIANTS, build_ablation_steps, write_ablation_table
+from part_distill.drivers.pipeline import StepFailed, record_timings, run_steps
 
 
 def main():

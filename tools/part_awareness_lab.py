@@ -11,8 +11,8 @@ import argparse
 import os
 import sys
 
-from part_distill.engine.part_awareness_lab import build_lab_steps, write_lab_table
-from part_distill.engine.pipeline import StepFailed, run_steps
+from part_distill.drivers.part_awareness_lab import build_lab_steps, write_lab_table
+from part_distill.drivers.pipeline import StepFailed, run_steps
 
 
 def main():

@@ -13,8 +13,8 @@ import argparse
 import os
 import sys
 
-from part_distill.engine.demo import build_demo_steps, write_demo_report
-from part_distill.engine.pipeline import StepFailed, record_timings, run_steps
+from part_distill.drivers.demo import build_demo_steps, write_demo_report
+from part_distill.drivers.pipeline import StepFailed, record_timings, run_steps
 
 
 def main(argv=None):

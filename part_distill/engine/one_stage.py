@@ -14,6 +14,7 @@ from ..data.fingerprint import check_store_sources
 from ..data.pseudo_labels import PseudoLabelFilters, check_cluster_store, register_pseudo_labels
 from ..mining.store import read_manifest
 from .self_training import check_slot_head, run_rounds, with_overrides
+from .slot_labelers import SlotHeadLabeler  # the stage-4 labeler of rounds > 0, shared
 from .trainer import PartDistillTrainer
 
 __all__ = ["run_one_stage"]
@@ -56,8 +57,6 @@ def run_one_stage(cfg, resume=True):
 
     Returns the last round's manifest (as ``run_rounds``), whose ``eval`` holds the evaluation
     on DATASETS.TEST when it ran."""
-    from .stages import SlotHeadLabeler  # the stage-4 labeler of rounds > 0, shared
-
     path, manifest, k = _mined_clusters(cfg)
     init = train_initial(cfg, path, manifest, k, resume=resume)
     rounds = cfg.PART_DISTILL.ONE_STAGE.ROUNDS

@@ -11,16 +11,19 @@ evaluating the final model on DATASETS.TEST (empty dict when TEST has no dataset
 import logging
 import os
 
-import torch
-from ..modeling.checkpoint import PartDistillCheckpointer
 from detectron2.utils import comm
 
 from ..data.fingerprint import check_store_sources
 from ..data.pseudo_labels import PseudoLabelFilters, register_pseudo_labels
 from ..mining.store import read_manifest
+from ..particle.stage import run_particle
 from ..utils.io import atomic_write_json
+from .one_stage import run_one_stage
 from .ranking_stage import run_ranking
 from .self_training import check_slot_head, measure_fit, run_rounds, with_overrides
+from .slot_labelers import RankerLabeler, SlotHeadLabeler
+from .stage_eval import evaluate_stage, load_final_model
+from .supervised import run_supervised
 from .trainer import PartDistillTrainer
 
 __all__ = ["STAGE_RUNNERS", "run_stage", "run_proposal", "run_self_train", "run_ranking_stage", "run_distill",
@@ -41,21 +44,6 @@ def _check_part_model(cfg, stage):
                          f"{PART_MAPPER!r}, got {cfg.INPUT.DATASET_MAPPER_NAME!r}")
 
 
-def _evaluate(cfg, model):
-    if not cfg.DATASETS.TEST:
-        return {}
-    res = PartDistillTrainer.test(cfg, model)
-    if comm.is_main_process():
-        logger.info("Evaluation of stage %s: %s", cfg.PART_DISTILL.STAGE, res)
-    return res
-
-
-def _final_model(cfg, weights):
-    model = PartDistillTrainer.build_model(cfg)
-    PartDistillCheckpointer(model).load(weights)
-    return model
-
-
 def run_proposal(cfg, resume=False):
     """Stage 2: train D^p on the mined store PART_DISTILL.PSEUDO_LABELS.MANIFEST (encoder frozen,
     initialised from the instance teacher MODEL.WEIGHTS; D^p's keys are missing there, as expected)."""
@@ -73,7 +61,7 @@ def run_proposal(cfg, resume=False):
     if trainer.start_iter < trainer.max_iter:
         trainer.train()
     # The trainer's EvalHook has evaluated the final model when training ran; don't do it twice.
-    res = dict(getattr(trainer, "_last_eval_results", None) or _evaluate(cfg, trainer.model))
+    res = dict(getattr(trainer, "_last_eval_results", None) or evaluate_stage(cfg, trainer.model))
     fit = measure_fit(cfg, trainer.model, name)
     if fit is not None:
         res["fit"] = fit
@@ -86,43 +74,15 @@ def run_self_train(cfg, resume=True):
     if cfg.MODEL.PART_DISTILL.NUM_PART_CLASSES != 1:
         raise ValueError("stage 'self_train' trains the class-agnostic head: MODEL.PART_DISTILL.NUM_PART_CLASSES must be 1")
     info = run_rounds(cfg, stage="self_train", num_rounds=cfg.PART_DISTILL.SELF_TRAIN.ROUNDS)
-    return info.get("eval") or _evaluate(cfg, _final_model(cfg, info["checkpoint"]))
+    return info.get("eval") or evaluate_stage(cfg, load_final_model(cfg, info["checkpoint"]))
 
 
 def run_ranking_stage(cfg, resume=True):
     """Stage 3: fit the class-specific ranker of the MODEL.WEIGHTS model; saves OUTPUT_DIR/model_final.pth."""
     _check_part_model(cfg, "ranking")
     model, report = run_ranking(cfg, resume=resume)
-    res = _evaluate(cfg, model)
+    res = evaluate_stage(cfg, model)
     return dict(res, ranking=report) if res else {"ranking": report}
-
-
-class RankerLabeler:
-    """Stage-4 labels from a ranked teacher: slot c*k + argmax_k r_k (-1 where class c is unranked)."""
-
-    def __init__(self, ranker):
-        self.ranker = ranker
-        self.k = ranker.clusters_per_class
-        self.description = f"ranker k={self.k}"
-
-    def __call__(self, pred, query_ids, object_class):
-        feats = pred["features"][query_ids]
-        classes = torch.full((len(query_ids),), int(object_class), dtype=torch.int64, device=feats.device)
-        _, clusters, _ = self.ranker(feats, classes)
-        return torch.where(clusters >= 0, object_class * self.k + clusters, torch.full_like(clusters, -1))
-
-
-class SlotHeadLabeler:
-    """Stage-4 labels of a slot-head teacher (rounds > 0): best of the owner class's k slots."""
-
-    def __init__(self, clusters_per_class):
-        self.k = int(clusters_per_class)
-        self.description = f"slot head k={self.k}"
-
-    def __call__(self, pred, query_ids, object_class):
-        c = int(object_class)
-        logits = pred["class_logits"][query_ids][:, c * self.k:(c + 1) * self.k]
-        return c * self.k + logits.argmax(1)
 
 
 def run_distill(cfg, resume=True):
@@ -143,29 +103,23 @@ def run_distill(cfg, resume=True):
 
     info = run_rounds(cfg, stage="distill", num_rounds=cfg.PART_DISTILL.DISTILL.ROUNDS,
                       teacher_cfg_of_round=teacher_cfg, labeler_factory=labeler)
-    return info.get("eval") or _evaluate(cfg, _final_model(cfg, info["checkpoint"]))
+    return info.get("eval") or evaluate_stage(cfg, load_final_model(cfg, info["checkpoint"]))
 
 
 def run_one_stage_baseline(cfg, resume=True):
     """The one-stage self-training baseline (part_distill/engine/one_stage.py)."""
-    from .one_stage import run_one_stage
-
     _check_part_model(cfg, "one_stage")
     info = run_one_stage(cfg, resume=resume)
-    return info.get("eval") or _evaluate(cfg, _final_model(cfg, info["checkpoint"]))
+    return info.get("eval") or evaluate_stage(cfg, load_final_model(cfg, info["checkpoint"]))
 
 
 def run_supervised_stage(cfg, resume=True):
     """Few-shot fine-tuning of the part decoder on real part labels (part_distill/engine/supervised.py)."""
-    from .supervised import run_supervised
-
     return run_supervised(cfg, resume=resume)
 
 
 def run_particle_stage(cfg, resume=True):
     """PARTICLE backbone adaptation (part_distill/particle/stage.py)."""
-    from ..particle.stage import run_particle
-
     return run_particle(cfg, resume=resume)
 
 

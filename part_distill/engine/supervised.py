@@ -21,7 +21,7 @@ from detectron2.utils import comm
 from ..data.few_shot import few_shot_train_datasets
 from ..modeling.meta_arch.supervised_parts import SupervisedPartModel  # noqa: F401  (registers it)
 from .self_training import with_overrides
-from .stages import _evaluate
+from .stage_eval import evaluate_stage
 from .trainer import PartDistillTrainer
 
 __all__ = ["run_supervised", "part_target_dicts", "register_part_targets", "dataset_part_classes",
@@ -36,6 +36,9 @@ PART_CATEGORY_KEY = "category_id"
 # State-dict keys that depend on NUM_PART_CLASSES: the only ones allowed to mismatch MODEL.WEIGHTS.
 REINITIALISED_KEYS = ("part_predictor.class_embed.weight", "part_predictor.class_embed.bias",
                       "part_criterion.empty_weight")
+# Buffers the supervised model carries but never reads (it predicts categories, not ranked clusters): a
+# checkpoint whose ranker has another vocabulary (ours, trained on ImageNet classes) still loads.
+UNUSED_KEYS = ("ranker.prototypes", "ranker.prototype_valid")
 PART_TARGETS_SUFFIX = "_part_targets"
 
 
@@ -140,14 +143,14 @@ def check_initialisation(incompatible, weights):
     if incompatible is None:
         return {"reinitialised": [], "fresh": []}
     shapes = {k: (tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes}
-    other = sorted(set(shapes) - set(REINITIALISED_KEYS))
+    other = sorted(set(shapes) - set(REINITIALISED_KEYS) - set(UNUSED_KEYS))
     if other:
         raise ValueError(f"MODEL.WEIGHTS {weights} does not fit the supervised model: shape mismatch of "
                          f"{other[:5]}{' ...' if len(other) > 5 else ''} (checkpoint vs model: "
                          f"{[shapes[k] for k in other[:5]]}); only the part class head may differ")
-    reinit = sorted(shapes)
+    reinit = sorted(set(shapes) - set(UNUSED_KEYS))
     # fvcore also lists the re-initialised keys as missing (it dropped them before loading).
-    fresh = sorted(set(incompatible.missing_keys) - set(reinit))
+    fresh = sorted(set(incompatible.missing_keys) - set(shapes))
     if reinit:
         logger.info("Loaded %s; re-initialised the part classification layer (NUM_PART_CLASSES differs): %s",
                     weights, ", ".join(f"{k} {shapes[k][0]} -> {shapes[k][1]}" for k in reinit))
@@ -177,7 +180,7 @@ def run_supervised(cfg, resume=True):
         init = check_initialisation(trainer.checkpointer.last_incompatible, cfg.MODEL.WEIGHTS)
     if trainer.start_iter < trainer.max_iter:
         trainer.train()
-    res = getattr(trainer, "_last_eval_results", None) or _evaluate(cfg, trainer.model)
+    res = getattr(trainer, "_last_eval_results", None) or evaluate_stage(cfg, trainer.model)
     info = {"weights": cfg.MODEL.WEIGHTS, "resumed": bool(resumed), "reinitialised": init["reinitialised"],
             "num_fresh_keys": len(init["fresh"]), "train_datasets": list(train_names),
             "train_images": sum(len(DatasetCatalog.get(n)) for n in train_names),

@@ -21,7 +21,7 @@ from .pascal_part import VOC_CLASSES, load_pascal_part, pascal_part_vocabulary, 
 from .real_common import datasets_root, object_metadata, require_path
 
 __all__ = ["REAL_DATASETS", "register_real_part_datasets", "pascal_part_paths", "partimagenet_paths",
-           "cityscapes_parts_paths"]
+           "cityscapes_parts_paths", "required_paths"]
 
 PASCAL_PART_SPLITS = ("train", "val")
 PARTIMAGENET_SPLITS = ("train", "val", "test")
@@ -107,6 +107,21 @@ def _all_datasets():
 
 
 REAL_DATASETS = tuple(_all_datasets())
+
+
+def required_paths(name, root=None):
+    """The files and folders the loader of real dataset ``name`` reads (what a missing-root error would
+    name), without loading it; [] for a name that is not a real dataset."""
+    for split in PASCAL_PART_SPLITS:
+        if name in (f"pascal_part_{split}", f"pascal_part_{split}_parts", f"pascal_part_fine_{split}_parts"):
+            return list(pascal_part_paths(split, root))
+    for split in PARTIMAGENET_SPLITS:
+        if name in (f"part_imagenet_{split}", f"part_imagenet_{split}_parts"):
+            return list(partimagenet_paths(split, root))
+    for split in CITYSCAPES_SPLITS:
+        if name in (f"cityscapes_parts_{split}", f"cityscapes_parts_{split}_parts"):
+            return list(cityscapes_parts_paths(split, root))
+    return []
 
 
 def register_real_part_datasets():

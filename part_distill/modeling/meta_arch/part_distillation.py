@@ -24,6 +24,7 @@ from ..ranked_inference import rerank_parts
 from ..ranker import PartRanker
 from ..slot_criterion import SlotSetCriterion
 from ..transformer_decoder import build_transformer_decoder
+from .gt_class_map import build_gt_class_lookup
 from .instance_segmentor import InstanceSegmentor
 from .postprocess import masks_to_output, part_inference
 
@@ -69,7 +70,8 @@ class PartDistillationModel(InstanceSegmentor):
     def __init__(self, *, part_predictor, part_criterion, freeze="encoder",
                  freeze_instance_decoder=True, objects="predicted", clusters_per_class=8,
                  part_score_thresh=0.0, parts_per_image=0, return_features=True, ranker=None,
-                 part_mask_adapter=None, part_pixel_decoder=None, object_crop=None, **kwargs):
+                 part_mask_adapter=None, part_pixel_decoder=None, object_crop=None, gt_class_lookup=None,
+                 **kwargs):
         """
         Args:
             part_predictor: the part decoder D^p (a masked-attention decoder returning query_features).
@@ -85,6 +87,8 @@ class PartDistillationModel(InstanceSegmentor):
             part_pixel_decoder: D^p's own pixel decoder (required by, and only used with, freeze
                 "part_branch"); checkpoints without its keys initialise it from the teacher's.
             object_crop: CropSettings: D^p reads object-centric crops (object_crops.py); None: whole images.
+            gt_class_lookup: optional LongTensor, GT class id -> the model's class id (-1: none), for GT
+                objects of another vocabulary (gt_class_map.py); None keeps the ids.
             kwargs: InstanceSegmentor arguments (backbone, sem_seg_head, criterion, ...).
         """
         super().__init__(**kwargs)
@@ -109,6 +113,8 @@ class PartDistillationModel(InstanceSegmentor):
         self.part_mask_adapter = part_mask_adapter
         self.part_pixel_decoder = part_pixel_decoder
         self.object_crop = object_crop
+        # Not a buffer: it describes the test data, not the model, and stays out of checkpoints.
+        self.gt_class_lookup = gt_class_lookup
         self.freeze = freeze
         self.freeze_instance_decoder = freeze_instance_decoder
         for module in self.frozen_modules():
@@ -151,6 +157,7 @@ class PartDistillationModel(InstanceSegmentor):
             part_score_thresh=pd.TEST.PART_SCORE_THRESH,
             parts_per_image=pd.TEST.PARTS_PER_IMAGE,
             return_features=pd.TEST.RETURN_FEATURES,
+            gt_class_lookup=build_gt_class_lookup(cfg),
         )
         return ret
 
@@ -242,9 +249,14 @@ class PartDistillationModel(InstanceSegmentor):
                            "gt_classes): build the test mapper with keep_annotations=True")
         inst = x["instances"].to(self.device)
         masks = getattr(inst.gt_masks, "tensor", inst.gt_masks)
+        classes = inst.gt_classes
+        if self.gt_class_lookup is not None:
+            classes = self.gt_class_lookup.to(classes.device)[classes]
+        if not len(masks):  # an image without GT objects (interpolate rejects an empty batch)
+            return masks.new_zeros((0, *output_size), dtype=torch.bool), classes
         if tuple(masks.shape[-2:]) != tuple(output_size):
             masks = F.interpolate(masks[None].float(), size=tuple(output_size), mode="nearest")[0] > 0.5
-        return masks.bool(), inst.gt_classes
+        return masks.bool(), classes
 
     def crop_losses(self, batched_inputs, images):
         """Part losses on object-centric crops: every object of the batch that owns parts (at most

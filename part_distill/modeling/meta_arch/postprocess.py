@@ -136,8 +136,10 @@ def part_inference(class_logits, mask_logits, object_masks, object_classes, *, f
         sliced = torch.cat([logits.gather(1, slots), logits[:, -1:]], dim=1).softmax(-1)[:, :-1]
         sliced_prob, clusters = sliced.max(1)
         full_prob = logits.softmax(-1)[:, :-1].max(1).values
-        part_prob = torch.where(owned, sliced_prob, full_prob)
-        clusters = torch.where(owned, clusters, torch.full_like(clusters, -1))
+        # An owner of class -1 (a GT class outside the model's vocabulary, gt_class_map.py) has no slots.
+        slotted = owned & (owner_class >= 0)
+        part_prob = torch.where(slotted, sliced_prob, full_prob)
+        clusters = torch.where(slotted, clusters, torch.full_like(clusters, -1))
     return ranked_parts(binary, part_prob * mask_quality(mask_logits, binary), clusters, owner, owner_class,
                         features=features, score_thresh=score_thresh, top_k=top_k)
 

@@ -1,10 +1,10 @@
 """Timing of the three part evaluators on parts-world-sized synthetic data (tools/benchmark_evaluators.py)."""
 import time
 
-from .average_recall import PartAREvaluator
-from .miou import PartMIoUEvaluator
-from .nmi_ari import PartNMIARIEvaluator
-from .synthetic import synthetic_parts_dataset, synthetic_predictions
+from ..evaluation.average_recall import PartAREvaluator
+from ..evaluation.miou import PartMIoUEvaluator
+from ..evaluation.nmi_ari import PartNMIARIEvaluator
+from ..evaluation.synthetic import synthetic_parts_dataset, synthetic_predictions
 
 
 def benchmark_evaluators(num_images=500, size=192, num_proposals=200, seed=0, output_dir=None):

@@ -60,7 +60,7 @@ def _write_synthetic_store(root, candidates, num_classes, dim, chunk_rows, num_b
     import math
 
     from ..mining.store import config_hash
-    from .candidate_store import CandidateStore, write_candidate_chunks
+    from ..engine.candidate_store import CandidateStore, write_candidate_chunks
 
     store = CandidateStore(root, min(num_buckets, num_classes), feature_dtype)
     num_chunks = int(math.ceil(candidates / chunk_rows))
@@ -76,7 +76,7 @@ def _write_synthetic_store(root, candidates, num_classes, dim, chunk_rows, num_b
 
 
 def _fit(store, num_chunks, num_classes, out, case, seed=0):
-    from .ranking import fit_store_prototypes
+    from ..engine.ranking import fit_store_prototypes
 
     return fit_store_prototypes(store, num_chunks, num_classes, case.get("k", 8), out, seed=seed,
                                 min_candidates=case.get("min_candidates", 8), max_iter=case.get("max_iter", 100),
@@ -196,7 +196,7 @@ def run_case(step, case_name, work_root, keep=False):
     """Run one case of one step in a subprocess; returns its row (step metrics + wall, CPU, peak RSS)."""
     case = STEPS[step]["cases"][case_name]
     work = tempfile.mkdtemp(prefix=f"{step}_{case_name}_", dir=work_root)
-    cmd = [sys.executable, "-m", "part_distill.engine.scale_benchmark", "--child", step, "--case-json",
+    cmd = [sys.executable, "-m", "part_distill.benchmarks.scale", "--child", step, "--case-json",
            json.dumps(case), "--work-dir", work]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,0 +1,1 @@
+"""Benchmark code behind tools/benchmark_*.py (decoder training speed, evaluator timing)."""
