@@ -15,6 +15,7 @@ Children are forked from the test process, which has imported torch and detectro
 kill/rerun pair costs the job's own work only; they compute on one thread.
 """
 import multiprocessing
+import hashlib
 import os
 import random
 import signal
@@ -119,3 +120,12 @@ def elapsed(fn, *args, **kwargs):
     t = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - t
+
+
+def state_digest(state):
+    """sha256 over a state dict's names and tensor bytes: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -14,7 +14,6 @@ fresh child then reruns it to completion. The rerun must leave no temp file and 
 
 Damaged files (a shard or a checkpoint cut short) are named in a warning or error and re-made.
 """
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,9 @@ import pytest
 import torch
 
 import part_distill  # noqa: F401  (registers datasets and models)
-from _kill_harness import KILLED, draw_kill_points, elapsed, leftover_temps, run_in_child, trace_writes, tree_bytes
+from _tiny_part_model import tiny_world_part_opts
+from _kill_harness import (KILLED, draw_kill_points, elapsed, leftover_temps, run_in_child, state_digest,
+                           trace_writes, tree_bytes)
 from part_distill.data.parts_world import WorldSettings
 from part_distill.engine.self_training import _label_round, run_rounds
 from part_distill.engine.setup import build_cfg
@@ -52,33 +53,10 @@ def mining_job(out):
 
 
 def self_train_cfg(out, weights):
-    return build_cfg("", [
-        "MODEL.DEVICE", "cpu", "MODEL.META_ARCHITECTURE", "PartDistillationModel", "MODEL.WEIGHTS", str(weights),
-        "MODEL.BACKBONE.NAME", "build_efficientnet_lite_backbone", "MODEL.EFFICIENTNET.PRETRAINED", "False",
-        "MODEL.BACKBONE.FREEZE_AT", "0", "MODEL.PIXEL_MEAN", "[127.5, 127.5, 127.5]",
-        "MODEL.PIXEL_STD", "[127.5, 127.5, 127.5]", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "7",
-        "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME", "FPNPixelDecoder", "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32",
-        "MODEL.SEM_SEG_HEAD.MASK_DIM", "32", "MODEL.SEM_SEG_HEAD.NORM", "GN", "MODEL.MASK_FORMER.HIDDEN_DIM", "32",
-        "MODEL.MASK_FORMER.NHEADS", "2", "MODEL.MASK_FORMER.DIM_FEEDFORWARD", "64",
-        "MODEL.MASK_FORMER.DEC_LAYERS", "2", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "4",
-        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "64", "MODEL.PART_DISTILL.NUM_PART_QUERIES", "6",
-        "INPUT.FORMAT", "RGB", "INPUT.IMAGE_SIZE", "64", "INPUT.MIN_SCALE", "0.8", "INPUT.MAX_SCALE", "1.2",
-        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "INPUT.DATASET_MAPPER_NAME", "PartTargetLSJMapper",
-        "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.0001",
-        "SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.STEPS", "()", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()",
-        "PART_DISTILL.SELF_TRAIN.DATASETS", '("parts_world_train",)', "PART_DISTILL.SELF_TRAIN.SHARD_SIZE", "1",
-        "PART_DISTILL.SELF_TRAIN.BATCH_SIZE", "1", "PART_DISTILL.SELF_TRAIN.SCORE_THRESH", "0.0",
+    return build_cfg("", tiny_world_part_opts(out, weights) + [
+        "SOLVER.BASE_LR", "0.0001", "SOLVER.CHECKPOINT_PERIOD", "1",
         "PART_DISTILL.SELF_TRAIN.ITERS_PER_ROUND", str(ITERS), "PART_DISTILL.SELF_TRAIN.TEACHER", "ema",
-        "DATASETS.PSEUDO_LABELS.MAX_PART_AREA_RATIO", "1.0", "PART_DISTILL.FIT.NUM_IMAGES", "0",
-        "SEED", "0", "OUTPUT_DIR", str(out)])
-
-
-def state_digest(state):
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+        "PART_DISTILL.FIT.NUM_IMAGES", "0"])
 
 
 def record_resumes(path):

@@ -5,7 +5,6 @@ weights equal and saves exactly them.
 One 2-process launch runs the three jobs (spawning costs more than the jobs); the 1-process
 references run in the test process.
 """
-import hashlib
 import json
 import os
 
@@ -13,7 +12,8 @@ import pytest
 import torch
 
 import part_distill  # noqa: F401  (registers datasets and models)
-from _kill_harness import tree_bytes
+from _tiny_part_model import tiny_world_part_opts
+from _kill_harness import state_digest, tree_bytes
 from detectron2.data import DatasetCatalog
 from detectron2.utils import comm
 from part_distill.data.datasets.parts_world import register_parts_world
@@ -40,32 +40,8 @@ def mining_cfg(out):
 
 
 def part_cfg(out, weights, *opts):
-    return build_cfg("", [
-        "MODEL.DEVICE", "cpu", "MODEL.META_ARCHITECTURE", "PartDistillationModel", "MODEL.WEIGHTS", str(weights),
-        "MODEL.BACKBONE.NAME", "build_efficientnet_lite_backbone", "MODEL.EFFICIENTNET.PRETRAINED", "False",
-        "MODEL.BACKBONE.FREEZE_AT", "0", "MODEL.PIXEL_MEAN", "[127.5, 127.5, 127.5]",
-        "MODEL.PIXEL_STD", "[127.5, 127.5, 127.5]", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "7",
-        "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME", "FPNPixelDecoder", "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32",
-        "MODEL.SEM_SEG_HEAD.MASK_DIM", "32", "MODEL.SEM_SEG_HEAD.NORM", "GN", "MODEL.MASK_FORMER.HIDDEN_DIM", "32",
-        "MODEL.MASK_FORMER.NHEADS", "2", "MODEL.MASK_FORMER.DIM_FEEDFORWARD", "64",
-        "MODEL.MASK_FORMER.DEC_LAYERS", "2", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "4",
-        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "64", "MODEL.PART_DISTILL.NUM_PART_QUERIES", "6",
-        "INPUT.FORMAT", "RGB", "INPUT.IMAGE_SIZE", "64", "INPUT.MIN_SCALE", "0.8", "INPUT.MAX_SCALE", "1.2",
-        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "INPUT.DATASET_MAPPER_NAME", "PartTargetLSJMapper",
-        "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.001",
-        "SOLVER.MAX_ITER", str(TRAIN_ITERS), "SOLVER.CHECKPOINT_PERIOD", "100", "SOLVER.STEPS", "()",
-        "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()",
-        "PART_DISTILL.SELF_TRAIN.DATASETS", '("parts_world_train",)', "PART_DISTILL.SELF_TRAIN.SHARD_SIZE", "1",
-        "PART_DISTILL.SELF_TRAIN.BATCH_SIZE", "1", "PART_DISTILL.SELF_TRAIN.SCORE_THRESH", "0.0",
-        "DATASETS.PSEUDO_LABELS.MAX_PART_AREA_RATIO", "1.0", "SEED", "0", "OUTPUT_DIR", str(out), *opts])
-
-
-def state_digest(state):
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return build_cfg("", tiny_world_part_opts(out, weights) + [
+        "SOLVER.BASE_LR", "0.001", "SOLVER.MAX_ITER", str(TRAIN_ITERS), "SOLVER.CHECKPOINT_PERIOD", "100", *opts])
 
 
 def label_job(out, weights):
