@@ -23,18 +23,10 @@ from part_distill.mining.miner import mine_parts
 
 from _tiny_part_model import tiny_part_cfg
 from conftest import parts_world_at
+from _kill_harness import tree_bytes
 
 SEED0 = pw.WorldSettings(seed=0, num_train=2, num_val=3, image_size=64, max_objects=2)
 SEED3 = dataclasses.replace(SEED0, seed=3)
-
-
-def _files(root):
-    out = {}
-    for d, _, names in os.walk(root):
-        for n in names:
-            with open(os.path.join(d, n), "rb") as f:
-                out[os.path.relpath(os.path.join(d, n), root)] = f.read()
-    return out
 
 
 def _mine(out, dataset="parts_world_val", *opts):
@@ -58,7 +50,7 @@ def test_two_worlds_coexist_and_each_evaluates_its_own_store(tmp_path):
         m0 = _mine(tmp_path / "store0")
         ar0 = _ar(tmp_path / "store0", tmp_path / "eval0")
     world0 = ds / "parts_world" / SEED0.key
-    before = _files(world0)
+    before = tree_bytes(world0)
     assert m0["inputs"]["datasets"][0]["fingerprint"] == _fp(SEED0)
     with parts_world_at(ds, SEED3):
         _mine(tmp_path / "store3")
@@ -67,7 +59,7 @@ def test_two_worlds_coexist_and_each_evaluates_its_own_store(tmp_path):
         with pytest.raises(FingerprintMismatchError, match=re.escape(_fp(SEED0)) + ".*" + re.escape(_fp(SEED3))):
             _ar(tmp_path / "store0", tmp_path / "eval_wrong")
     assert sorted(n for n in os.listdir(ds / "parts_world") if not n.startswith(".")) == sorted([SEED0.key, SEED3.key])
-    assert _files(world0) == before  # making seed 3 rewrote nothing of seed 0
+    assert tree_bytes(world0) == before  # making seed 3 rewrote nothing of seed 0
     with parts_world_at(ds, SEED0):
         assert _ar(tmp_path / "store0", tmp_path / "eval0_again") == ar0
     assert ar0 != ar3  # different images: the check above is not comparing a world with itself
@@ -107,7 +99,7 @@ def test_concurrent_processes_make_one_complete_world(tmp_path, use_lock):
     alone = tmp_path / "alone"
     alone.mkdir()
     pw.generate_parts_world(str(alone), SEED0)
-    assert _files(roots[0]) == _files(alone)
+    assert tree_bytes(roots[0]) == tree_bytes(alone)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from part_distill.engine.setup import build_cfg
 from part_distill.engine.trainer import PartDistillTrainer
 from part_distill.mining.object_sources import MinedObject
 from part_distill.modeling.slot_criterion import SlotSetCriterion, slot_label_mask
+from _kill_harness import tree_bytes
 
 SETTINGS = WorldSettings(num_train=5, num_val=2, image_size=64, max_objects=2)
 
@@ -62,15 +63,6 @@ def _needs_ranker():
 
     if "ranker" not in inspect.signature(PartDistillationModel.__init__).parameters:
         pytest.skip("PartDistillationModel has no PartRanker yet (meta-arch integration pending)")
-
-
-def _files(root):
-    out = {}
-    for d, _, names in os.walk(root):
-        for n in names:
-            with open(os.path.join(d, n), "rb") as f:
-                out[os.path.relpath(os.path.join(d, n), root)] = f.read()
-    return out
 
 
 # ---------------------------------------------------------------- filters vs brute force
@@ -189,7 +181,7 @@ def test_round_resumes_after_kill(world, monkeypatch):
     assert info["iterations"] == 4
     assert torch.load(info["checkpoint"], weights_only=False)["iteration"] == 3
     assert os.path.isfile(info["next_teacher"]) and info["next_teacher"].endswith("model_ema.pth")
-    assert _files(tmp / "full" / "round_0" / "labels") == _files(labels)
+    assert tree_bytes(tmp / "full" / "round_0" / "labels") == tree_bytes(labels)
     # A finished round is skipped: no training step runs again.
     seen.clear()
     again = run_rounds(killed, stage="self_train", num_rounds=1)
@@ -275,14 +267,14 @@ def test_ranking_stage_resumes_and_honours_resume_false(world):
     candidate_store._after_chunk_hook = calls.append
     try:
         _, first = run_ranking(cfg)
-        files = _files(out / "ranking")
+        files = tree_bytes(out / "ranking")
         n_chunks = len(calls)
         assert n_chunks == 3  # 5 images, 2 per chunk
         (out / "ranking" / "candidates" / ".chunk_00000.npy.x.tmp").write_bytes(b"")  # left by a kill
         calls.clear()
         _, again = run_ranking(cfg)
         assert calls == [] and again == first
-        assert _files(out / "ranking") == files
+        assert tree_bytes(out / "ranking") == files
         _, fresh = run_ranking(cfg, resume=False)
         assert len(calls) == n_chunks and fresh == first
     finally:
