@@ -21,15 +21,13 @@ n_init=1, same iteration cap and tolerance) and prints, from one run:
   python tools/benchmark_kmeans.py --device cuda --instances 2000 --dims 1152 --sklearn-instances 100
 """
 import argparse
-import json
-import os
 import time
 
 import numpy as np
 import torch
 
 from part_distill.mining.kmeans import batched_kmeans, kmeans_flops
-from part_distill.utils.roofline import MachineLimits, load_average, roofline, stream_read_time, sync
+from part_distill.utils.roofline import MachineLimits, load_average, roofline, write_report, stream_read_time, sync
 
 
 def _features(n, pixels, dims, device, seed=0):
@@ -174,13 +172,7 @@ def main():
     if args.json:
         out = {"tool": "benchmark_kmeans", "torch": torch.__version__, "machine": limits.as_dict(),
                "load_average_end": load_average(), "cases": cases}
-        text = json.dumps(out, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json + ".tmp", "w") as f:
-                f.write(text)
-            os.replace(args.json + ".tmp", args.json)
+        write_report(out, args.json)
 
 
 if __name__ == "__main__":

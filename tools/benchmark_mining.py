@@ -20,8 +20,6 @@ Roofline, measured in the same run (stream read bandwidth, fp32 matmul peak, loa
 Each stage's fraction = limit / time; the end-to-end fraction counts these two stages' limits only.
 """
 import argparse
-import json
-import os
 import tempfile
 import time
 
@@ -34,7 +32,7 @@ from detectron2.data import DatasetCatalog
 from part_distill.engine.setup import build_cfg
 from part_distill.mining.kmeans import kmeans_flops
 from part_distill.mining.miner import PartMiner, mine_parts
-from part_distill.utils.roofline import MachineLimits, load_average, roofline
+from part_distill.utils.roofline import MachineLimits, load_average, roofline, write_report
 
 BACKBONE_OPTS = ["MODEL.BACKBONE.NAME", "build_efficientnet_lite_backbone", "INPUT.FORMAT", "RGB",
                  "MODEL.PIXEL_MEAN", "[127.5, 127.5, 127.5]", "MODEL.PIXEL_STD", "[127.5, 127.5, 127.5]",
@@ -171,13 +169,7 @@ def main():
                "roofline": stages, "feature_gflop_per_image": flops_img / 1e9,
                "kmeans": {"instances": rec.instances, "points": rec.points, "dims": rec.dims,
                           "sklearn_s": peer}, "load_average_end": load_average()}
-        text = json.dumps(out, indent=1, default=str)
-        if a.json == "-":
-            print(text)
-        else:
-            with open(a.json + ".tmp", "w") as f:
-                f.write(text)
-            os.replace(a.json + ".tmp", a.json)
+        write_report(out, a.json, default=str)
 
 
 if __name__ == "__main__":

@@ -91,3 +91,15 @@ def roofline(seconds, nbytes=0.0, flops=0.0, bandwidth=None, peak=None, read_sec
     limit = max(t_bw, t_fl)
     return {"limit_s": limit, "bound": "bandwidth" if t_bw >= t_fl else "compute",
             "bandwidth_s": t_bw, "compute_s": t_fl, "fraction": limit / seconds if seconds > 0 else float("nan")}
+
+
+def write_report(out, dest, **json_kwargs):
+    """A benchmark's ``--json`` output: printed when ``dest`` is "-", else written atomically to ``dest``."""
+    import json
+
+    from .io import atomic_write_json
+
+    if dest == "-":
+        print(json.dumps(out, indent=1, **json_kwargs))
+    else:
+        atomic_write_json(dest, out, indent=1, **json_kwargs)
