@@ -28,7 +28,7 @@ from ..data.fingerprint import CHECKPOINT_KEY, check_sources, checkpoint_fingerp
 from ..mining.store import config_hash
 from ..modeling.checkpoint import PartDistillCheckpointer
 from ..modeling.part_candidates import select_part_candidates
-from ..utils.io import atomic_open, atomic_write_json, remove_stale_temps
+from ..utils.io import atomic_write_json, remove_stale_temps
 from .candidate_store import CandidateStore, write_candidate_chunks
 from .part_labels import (PartLabelFilters, build_label_mapper, dataset_inputs, file_sha256, predict_with_objects,
                           unwrap)
@@ -120,15 +120,6 @@ def _plain(obj):
     return obj
 
 
-def save_model_final(model, output_dir, metadata=None):
-    """OUTPUT_DIR/model_final.pth (+ last_checkpoint), written atomically: a kill never leaves half a file.
-    ``metadata`` entries are saved beside the weights (e.g. the data fingerprints)."""
-    with atomic_open(os.path.join(output_dir, "model_final.pth"), "wb") as f:
-        torch.save({"model": unwrap(model).state_dict(), **(metadata or {})}, f)
-    with atomic_open(os.path.join(output_dir, "last_checkpoint"), "w") as f:
-        f.write("model_final.pth")
-
-
 def run_ranking(cfg, model=None, resume=True):
     """Fit and install the ranker, save OUTPUT_DIR/model_final.pth; returns (model, report)."""
     from .trainer import PartDistillTrainer
@@ -186,8 +177,11 @@ def run_ranking(cfg, model=None, resume=True):
                            f"(candidates per class {report['candidates_per_class'][:20]}); see {report_path}. "
                            "Lower PART_DISTILL.RANKING.MIN_CANDIDATES or SELF_TRAIN.SCORE_THRESH / MIN_AREA_RATIO")
     if comm.is_main_process():
-        # The prototypes come from SELF_TRAIN.DATASETS: stage 4 checks it labels the same data.
-        save_model_final(model, cfg.OUTPUT_DIR, {CHECKPOINT_KEY: checkpoint_fingerprints(s.DATASETS)})
+        # Written atomically (a kill never leaves half a file). The prototypes come from
+        # SELF_TRAIN.DATASETS: stage 4 checks it labels the same data.
+        saver = PartDistillCheckpointer(unwrap(model), save_dir=cfg.OUTPUT_DIR)
+        saver.metadata = {CHECKPOINT_KEY: checkpoint_fingerprints(s.DATASETS)}
+        saver.save("model_final")
         logger.info("Ranking: %d/%d object classes have prototypes; candidates per class %s",
                     len(prototypes), num_classes, report["candidates_per_class"][:50])
     comm.synchronize()
