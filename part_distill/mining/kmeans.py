@@ -23,7 +23,16 @@ they are flagged in ``KMeansResult.skipped`` (labels -1, centers 0, inertia 0, n
 Non-finite features of valid points raise ``ValueError`` (``nan_policy="raise"``) or flag the
 instance as skipped (``nan_policy="skip"``); padding may hold anything, NaN included.
 
-Cost: features are never copied (float32/float64 input). Each Lloyd iteration is one fused pass
+Backends: on the CPU, float32 features are fitted by the compiled kernel ``part_distill._C``
+(``part_distill/csrc/kmeans_cpu.cpp``, built by ``make setup`` / ``pip install -e .``): one thread
+per instance runs seeding, every Lloyd iteration and the final E-step while the instance's
+features stay in its cache, each pass computing distances, labels and the new sums together; an
+instance larger than the others is split into point blocks over the threads. It follows the same
+steps with the same random numbers; only float rounding differs from the torch path (its sums are
+float64). ``backend="torch"`` forces the torch path, which also serves float64, low-precision
+distances, CUDA, and builds without the extension.
+
+Cost of the torch path: features are never copied (float32/float64 input). Each Lloyd iteration is one fused pass
 per block of points (scores, labels and the new center sums while the block is in cache); the
 first reuses the seeding's scores, and a pass whose labels all stayed put skips the sums. On CPU
 instances are clustered in chunks of ``CPU_CACHE_BYTES`` of features (cache blocking), so
@@ -38,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 
+from ..utils.native import native_module
+
 __all__ = [
     "KMeansResult",
     "batched_kmeans",
@@ -50,6 +61,7 @@ __all__ = [
 ]
 
 METRICS = ("cosine", "l2")
+BACKENDS = ("auto", "native", "torch")
 _EPS = 1e-12
 # Feature bytes per instance chunk on CPU (default): small enough to stay in the L2/L3 caches
 # between the passes of one fit, large enough that per-op overhead stays small.
@@ -476,6 +488,41 @@ def _plan_chunks(extent, skipped, chunk_size, points_budget):
     return out
 
 
+def _pick_kernel(backend, device, dtype, dist_dtype, dims):
+    """The compiled kernel module when it serves this call, else None (torch path)."""
+    if backend == "torch":
+        return None
+    serves = device.type == "cpu" and dtype == torch.float32 and dist_dtype is None and dims > 0
+    kernel = native_module() if serves else None
+    if backend == "native" and kernel is None:
+        why = "part_distill._C is not built (run `make setup`)" if serves else (
+            "it serves CPU float32 features with full-precision distances only")
+        raise ValueError(f"k-means backend 'native' cannot run this call: {why}")
+    return kernel
+
+
+def _fit_native(kernel, features, valid, w_all, given, u_first, u_trials, skipped, n_points,
+                k, t, metric, max_iter, tol, labels, centers, inertia, n_iter):
+    """Fits the non-skipped instances with the compiled kernel, writing into the result tensors.
+
+    Instances are handed out heaviest first, so the threads finish together. Returns finite [B]:
+    False where a valid point had a NaN/inf feature (that instance is left unfitted).
+    """
+    x = features if features.dtype == torch.float32 else features.float()
+    if x.shape[2] > 0 and x.stride(2) != 1:
+        x = x.contiguous()
+    todo = (~skipped).nonzero().flatten()
+    order = todo[torch.argsort(n_points[todo], descending=True, stable=True)].contiguous()
+    init = torch.empty(0) if given is None else given.to(torch.float32).contiguous()
+    finite = torch.ones(features.shape[0], dtype=torch.bool)
+    kernel.kmeans_fit(
+        x, valid.contiguous(), w_all.to(torch.float32).contiguous(), init, u_first.contiguous(),
+        u_trials.contiguous(), order, k, t, metric == "cosine", int(max_iter), float(tol),
+        torch.get_num_threads(), labels, centers, inertia, n_iter, finite,
+    )
+    return finite
+
+
 def _auto_chunk(n, d, k, t, elem, max_chunk_bytes):
     """Instances per chunk so a (possible) gathered copy plus distance temporaries fit the budget."""
     per_instance = n * d * elem + n * max(k, t) * 3 * elem + n * (k + 4) * 8
@@ -500,6 +547,7 @@ def batched_kmeans(
     max_chunk_bytes=None,
     point_chunk=None,
     distance_dtype=None,
+    backend="auto",
 ):
     """Cluster each of B instances into k clusters, all instances at once.
 
@@ -528,6 +576,10 @@ def batched_kmeans(
             matmuls on a low-precision copy of the features, halving the bytes most passes read;
             center sums stay exact, distances (so near-tie labels and the inertia) carry the
             low precision. Meant for GPUs (slow on CPU).
+        backend: "auto" (the compiled CPU kernel for float32 CPU features with full-precision
+            distances when it is built, else torch), "native" (that kernel, an error when it
+            cannot serve the call) or "torch". The kernel ignores ``chunk_size``,
+            ``max_chunk_bytes`` and ``point_chunk``: it needs O(N) scratch per running instance.
 
     Returns:
         :class:`KMeansResult` (labels, centers, inertia, n_iter, skipped).
@@ -539,6 +591,8 @@ def batched_kmeans(
         raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if backend not in BACKENDS:
+        raise ValueError(f"k-means backend must be one of {BACKENDS}, got {backend!r}")
     B, N, D = features.shape
     device = features.device
     dtype = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
@@ -588,6 +642,19 @@ def batched_kmeans(
     inertia = torch.zeros(B, dtype=dtype, device=device)
     n_iter = torch.zeros(B, dtype=torch.long, device=device)
     dist_dtype = _resolve_dist_dtype(distance_dtype)
+    kernel = _pick_kernel(backend, device, dtype, dist_dtype, D)
+    if kernel is not None:
+        finite = _fit_native(kernel, features, valid, w_all, given, u_first, u_trials, skipped, n_points,
+                             k, t, metric, max_iter, tol, labels, centers, inertia, n_iter)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten()
+            if nan_policy == "raise":
+                raise ValueError(
+                    f"k-means features of instances {bad[:10].tolist()} contain NaN or inf "
+                    f"({bad.numel()} instances); clean them or pass nan_policy='skip'"
+                )
+            skipped |= ~finite
+        return KMeansResult(labels, centers, inertia, n_iter, skipped)
     elem = torch.finfo(dtype).bits // 8
     point_chunk = int(point_chunk or max(N, 1))
     # Extent of each instance: its points up to the last valid one (the rest is padding).
