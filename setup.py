@@ -21,7 +21,17 @@ if os.environ.get("PART_DISTILL_NO_EXT", "") != "1":
                 depends=["part_distill/csrc/kmeans_cpu_impl.h"],
             )
         ]
-        cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=False)}
+
+        class OptionalBuildExt(BuildExtension.with_options(use_ninja=False)):
+            """A failed compile (no compiler, old toolchain) warns and installs the package without _C."""
+
+            def build_extension(self, ext):
+                try:
+                    super().build_extension(ext)
+                except Exception as e:  # noqa: BLE001 - any compiler failure means the fallback
+                    print(f"WARNING: part_distill._C was not built ({e}); k-means falls back to the torch path")
+
+        cmdclass = {"build_ext": OptionalBuildExt}
 
 setup(
     name="part_distill",

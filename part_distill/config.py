@@ -325,6 +325,8 @@ def _add_mining_config(cfg):
     cfg.MINING.POINT_CHUNK = 1 << 16
     # Distance-matmul dtype ("" = feature dtype, "float16", "bfloat16": halves the bytes read; for GPUs).
     cfg.MINING.DISTANCE_DTYPE = ""
+    # K-means backend: "auto" (compiled part_distill._C for float32 CPU fits when built, else torch), "native" or "torch".
+    cfg.MINING.KMEANS_BACKEND = "auto"
 
     cfg.MINING.CRF = CN()
     # Refine each instance's part map with a dense CRF on the RGB image (Fig 6 ablation).

@@ -1,7 +1,8 @@
 """Cache blocking, point blocks, the flop count and the CUDA path of the batched k-means.
 
 References: the unblocked CPU fit (one chunk, one point block), hand-computed counts, and the
-CPU result for the GPU run.
+CPU result for the GPU run. The blocking tests run the torch path (``backend="torch"``), whose
+mechanisms they check; the compiled kernel has its own tests in test_kmeans_native.py.
 """
 import pytest
 import torch
@@ -26,8 +27,9 @@ def test_cache_blocked_default_equals_one_chunk(metric, monkeypatch):
     w = torch.rand(9, 100, generator=torch.Generator().manual_seed(1))
     # A cache budget of ~2 instances: chunks sorted by size (lengths differ), point blocks of 256 (> N: none).
     monkeypatch.setattr(km, "CPU_CACHE_BYTES", 2 * 100 * 16 * 4)
-    blocked = batched_kmeans(X, lengths, k=4, metric=metric, weights=w, seed=3)
-    whole = batched_kmeans(X, lengths, k=4, metric=metric, weights=w, seed=3, max_chunk_bytes=1 << 30)
+    blocked = batched_kmeans(X, lengths, k=4, metric=metric, weights=w, seed=3, backend="torch")
+    whole = batched_kmeans(X, lengths, k=4, metric=metric, weights=w, seed=3, max_chunk_bytes=1 << 30,
+                           backend="torch")
     assert torch.equal(blocked.labels, whole.labels)
     torch.testing.assert_close(blocked.centers, whole.centers, rtol=0, atol=0)
     # The inertia sums over each chunk's padded length, which sorting by size changes: 1-ulp slack.
@@ -67,7 +69,7 @@ def test_roofline_picks_the_larger_bound():
 def test_cuda_matches_cpu(metric):
     X = _clustered(6, 200, 32, seed=4)
     lengths = torch.tensor([200, 150, 200, 90, 200, 120])
-    cpu = batched_kmeans(X, lengths, k=4, metric=metric, seed=5)
+    cpu = batched_kmeans(X, lengths, k=4, metric=metric, seed=5, backend="torch")
     gpu = batched_kmeans(X.cuda(), lengths.cuda(), k=4, metric=metric, seed=5)
     assert torch.equal(gpu.labels.cpu(), cpu.labels)
     torch.testing.assert_close(gpu.centers.cpu(), cpu.centers, rtol=1e-4, atol=1e-4)
@@ -110,9 +112,9 @@ def test_chunks_on_threads_equal_one_thread(monkeypatch):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = batched_kmeans(X, lengths, k=4, metric="cosine", seed=2)
+        one = batched_kmeans(X, lengths, k=4, metric="cosine", seed=2, backend="torch")
         torch.set_num_threads(2)
-        two = batched_kmeans(X, lengths, k=4, metric="cosine", seed=2)
+        two = batched_kmeans(X, lengths, k=4, metric="cosine", seed=2, backend="torch")
         assert torch.get_num_threads() == 2  # restored after the pool
     finally:
         torch.set_num_threads(before)

@@ -15,7 +15,8 @@ if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
     echo "[setup] chromium/chromedriver absent and not installable here (need root + apt); browser tests will be skipped"
   fi
 fi
-stamp_key=$(cat requirements.txt setup.py tools/setup_env.sh | sha1sum | cut -c1-16)
+# The C++ sources are in the key: a changed kernel is rebuilt by the editable install below.
+stamp_key=$(cat requirements.txt setup.py tools/setup_env.sh part_distill/csrc/* | sha1sum | cut -c1-16)
 stamp="$VENV/.part_distill-installed-$stamp_key"
 if [ -f "$stamp" ]; then
   echo "[setup] $VENV is up to date ($stamp_key)"; exit 0
@@ -50,7 +51,8 @@ if ! "$VPY" -c "import detectron2" >/dev/null 2>&1; then
   # its declared deps minus the ones pinned above
   "$VPY" -m pip install -q yacs tabulate cloudpickle termcolor "omegaconf>=2.1" "hydra-core>=1.1" black
 fi
+# Also compiles part_distill._C (the fused CPU k-means, about 2 minutes once) into the source tree.
 "$VPY" -m pip install -q --no-deps --no-build-isolation -e .
-"$VPY" -c "import detectron2, torch, part_distill; print('[setup] detectron2', detectron2.__version__, 'torch', torch.__version__)"
+"$VPY" -c "import detectron2, torch, part_distill; from part_distill.utils.native import native_status; print('[setup] detectron2', detectron2.__version__, 'torch', torch.__version__, '|', native_status())"
 rm -f "$VENV"/.part_distill-installed-*
 touch "$stamp"

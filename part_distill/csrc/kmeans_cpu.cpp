@@ -17,7 +17,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <thread>
 #include <vector>
@@ -85,9 +87,11 @@ namespace {
 using part_distill_kmeans::Batch;
 using part_distill_kmeans::Runner;
 
+// PART_DISTILL_KMEANS_ISA=baseline forces the portable build (read once; the tests compare both).
 bool use_avx2() {
 #ifdef PD_KMEANS_HAVE_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         std::string(std::getenv("PART_DISTILL_KMEANS_ISA") ? std::getenv("PART_DISTILL_KMEANS_ISA") : "") != "baseline";
   return ok;
 #else
   return false;

@@ -811,8 +811,11 @@ class BatchedKMeans:
         max_chunk_bytes=0,
         point_chunk=1 << 16,
         distance_dtype="",
+        backend="auto",
     ):
         _check_metric(metric)
+        if backend not in BACKENDS:
+            raise ValueError(f"k-means backend must be one of {BACKENDS}, got {backend!r}")
         self.num_clusters = num_clusters
         self.metric = metric
         self.max_iter = max_iter
@@ -823,6 +826,7 @@ class BatchedKMeans:
         self.max_chunk_bytes = max_chunk_bytes
         self.point_chunk = point_chunk
         self.distance_dtype = distance_dtype
+        self.backend = backend
 
     @classmethod
     def from_config(cls, cfg):
@@ -838,13 +842,14 @@ class BatchedKMeans:
             "max_chunk_bytes": m.CHUNK_BYTES,
             "point_chunk": m.POINT_CHUNK,
             "distance_dtype": m.DISTANCE_DTYPE,
+            "backend": m.KMEANS_BACKEND,
         }
 
     def _kwargs(self):
         return dict(
             k=self.num_clusters, metric=self.metric, max_iter=self.max_iter, tol=self.tol,
             seed=self.seed, min_points=self.min_points, nan_policy=self.nan_policy,
-            distance_dtype=self.distance_dtype,
+            distance_dtype=self.distance_dtype, backend=self.backend,
         )
 
     def fit(self, features, valid=None, weights=None, init=None, generator=None, instance_seeds=None):
