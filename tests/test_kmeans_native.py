@@ -179,6 +179,7 @@ def test_native_refuses_what_it_does_not_serve():
     _assert_same_fit(batched_kmeans(X.double(), k=3), batched_kmeans(X.double(), k=3, backend="torch"), rtol=0)
 
 
+@pytest.mark.slow  # two subprocesses that import part_distill (~15 s each)
 def test_baseline_isa_build_equals_avx2_build(tmp_path):
     # The portable build serves CPUs without AVX2/FMA; it is chosen at import time, so in a subprocess.
     script = (

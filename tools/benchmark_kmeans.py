@@ -18,6 +18,7 @@ n_init=1, same iteration cap and tolerance) and prints, from one run:
 
   python tools/benchmark_kmeans.py                       # CPU: 200 x 1024 px, 256 and 1152 d, l2
   python tools/benchmark_kmeans.py --metrics l2,cosine --json out.json
+  python tools/benchmark_kmeans.py --backend torch        # the torch path instead of part_distill._C
   python tools/benchmark_kmeans.py --device cuda --instances 2000 --dims 1152 --sklearn-instances 100
 """
 import argparse
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from part_distill.mining.kmeans import batched_kmeans, kmeans_flops
+from part_distill.utils.native import native_status
 from part_distill.utils.roofline import MachineLimits, load_average, roofline, write_report, stream_read_time, sync
 
 
@@ -41,7 +43,7 @@ def _features(n, pixels, dims, device, seed=0):
 
 def _run_ours(feats, args, metric):
     kw = dict(k=args.k, metric=metric, max_iter=args.iters, tol=args.tol, seed=0,
-              distance_dtype=args.distance_dtype or None)
+              distance_dtype=args.distance_dtype or None, backend=args.backend)
     sync(feats.device)
     t0, c0 = time.perf_counter(), time.process_time()
     res = batched_kmeans(feats, **kw)
@@ -142,6 +144,8 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--distance-dtype", default="", help="e.g. float16 / bfloat16 (GPU only)")
+    p.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
+                   help="ours: the compiled CPU kernel (auto on CPU float32) or the torch path")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of ours (minimum kept)")
     p.add_argument("--sklearn-repeats", type=int, default=1, help="timed runs of sklearn (minimum kept)")
     p.add_argument("--threads", type=int, default=0,
@@ -160,7 +164,8 @@ def main():
         torch.set_num_threads(args.threads)
         limiter = threadpool_limits(args.threads)  # sklearn's OpenMP/BLAS pools
     limits = MachineLimits(device)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
+          f"k-means backend {args.backend}; {native_status()}")
     print(limits)
     cases = []
     for dims in (int(d) for d in args.dims.split(",")):
@@ -171,6 +176,7 @@ def main():
         limiter.restore_original_limits()
     if args.json:
         out = {"tool": "benchmark_kmeans", "torch": torch.__version__, "machine": limits.as_dict(),
+               "backend": args.backend, "native": native_status(),
                "load_average_end": load_average(), "cases": cases}
         write_report(out, args.json)
 

@@ -32,6 +32,7 @@ from detectron2.data import DatasetCatalog
 from part_distill.engine.setup import build_cfg
 from part_distill.mining.kmeans import kmeans_flops
 from part_distill.mining.miner import PartMiner, mine_parts
+from part_distill.utils.native import native_status
 from part_distill.utils.roofline import MachineLimits, load_average, roofline, write_report
 
 BACKBONE_OPTS = ["MODEL.BACKBONE.NAME", "build_efficientnet_lite_backbone", "INPUT.FORMAT", "RGB",
@@ -103,17 +104,21 @@ def main():
                    help="backbone of res3_res4 features: EfficientNet-Lite0 or detectron2's R50")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--skip-sklearn", action="store_true", help="do not time the scikit-learn peer")
+    p.add_argument("--kmeans-backend", default="auto", choices=["auto", "native", "torch"],
+                   help="MINING.KMEANS_BACKEND: the compiled CPU kernel or the torch path")
     p.add_argument("--json", default="", help="also write all figures to this JSON file ('-' = stdout)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     limits = MachineLimits(a.device)
     print(limits)
+    print(f"k-means backend {a.kmeans_backend}; {native_status()}")
     name = "benchmark_mining_subset"
     with tempfile.TemporaryDirectory() as out:
         opts = ["MODEL.DEVICE", a.device, "MINING.FEATURES", a.features, "MINING.IMAGE_SIZE", str(a.image_size),
                 "MINING.BATCH_SIZE", str(a.batch_size), "MINING.SHARD_SIZE", str(a.batch_size),
-                "MINING.DATASETS", f'("{name}",)', "MINING.OUTPUT_DIR", out, "MINING.CRF.ENABLED", str(a.crf)]
+                "MINING.DATASETS", f'("{name}",)', "MINING.OUTPUT_DIR", out, "MINING.CRF.ENABLED", str(a.crf),
+                "MINING.KMEANS_BACKEND", a.kmeans_backend]
         extra = [] if a.features == "rgbxy" else (R50_OPTS if a.backbone == "r50" else BACKBONE_OPTS)
         cfg = build_cfg("", opts + extra)
         dicts = [dict(d, _mining_dataset=name) for d in DatasetCatalog.get("parts_world_val")]
@@ -165,6 +170,7 @@ def main():
               f"{peer:.2f} s = {peer / max(t.get('kmeans', 0.0), 1e-9):.1f}x our kmeans stage")
     if a.json:
         out = {"tool": "benchmark_mining", "args": vars(a), "machine": limits.as_dict(), "counts": c,
+               "native": native_status(),
                "total_s": total, "images_per_s": c["images"] / total, "timers_s": dict(t),
                "roofline": stages, "feature_gflop_per_image": flops_img / 1e9,
                "kmeans": {"instances": rec.instances, "points": rec.points, "dims": rec.dims,

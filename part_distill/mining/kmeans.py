@@ -1,4 +1,4 @@
-"""Batched k-means in torch: many instances at once, CPU or GPU, one metric for fit and assign.
+"""Batched k-means: many instances at once, CPU or GPU, one metric for fit and assign.
 
 The reference implementation ran scikit-learn ``KMeans`` one instance at a time on the CPU and
 fitted with Euclidean distance but assigned with a dot product. Here every instance of a batch is
@@ -26,18 +26,20 @@ instance as skipped (``nan_policy="skip"``); padding may hold anything, NaN incl
 Backends: on the CPU, float32 features are fitted by the compiled kernel ``part_distill._C``
 (``part_distill/csrc/kmeans_cpu.cpp``, built by ``make setup`` / ``pip install -e .``): one thread
 per instance runs seeding, every Lloyd iteration and the final E-step while the instance's
-features stay in its cache, each pass computing distances, labels and the new sums together; an
-instance larger than the others is split into point blocks over the threads. It follows the same
-steps with the same random numbers; only float rounding differs from the torch path (its sums are
-float64). ``backend="torch"`` forces the torch path, which also serves float64, low-precision
-distances, CUDA, and builds without the extension.
+features stay in its cache, each pass computing distances, labels and the new sums together
+(the torch path's thin ``[k, D] x [D, n]`` matmuls run far below the CPU's peak); with fewer
+instances than threads, an instance's point blocks are spread over the threads instead. It
+follows the same steps with the same random numbers; only float rounding differs from the torch
+path (its sums are float64), and its results do not depend on the thread count.
+``backend="torch"`` forces the torch path, which also serves float64, low-precision distances,
+CUDA, and installs without the extension.
 
-Cost of the torch path: features are never copied (float32/float64 input). Each Lloyd iteration is one fused pass
-per block of points (scores, labels and the new center sums while the block is in cache); the
-first reuses the seeding's scores, and a pass whose labels all stayed put skips the sums. On CPU
-instances are clustered in chunks of ``CPU_CACHE_BYTES`` of features (cache blocking), so
-seeding (k passes for k-means++) and all iterations of a chunk read it from cache: memory is
-read about once. Instances that have converged drop out of the batch once that saves work.
+Cost of the torch path: features are never copied (float32/float64 input). Each Lloyd iteration
+is one fused pass per block of points (scores, labels and the new center sums while the block is
+in cache); the first reuses the seeding's scores, and a pass whose labels all stayed put skips
+the sums. On CPU instances are clustered in chunks of ``CPU_CACHE_BYTES`` of features (cache
+blocking), so seeding (k passes for k-means++) and all iterations of a chunk read it from cache.
+Instances that have converged drop out of the batch once that saves work.
 """
 import math
 from concurrent.futures import ThreadPoolExecutor
