@@ -19,8 +19,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <string>
 #include <limits>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -44,7 +46,9 @@ struct Batch {
   bool* finite;     // [B]
 };
 
-// Runs f(0..n-1) on up to `threads` threads (dynamic: each thread takes the next index).
+// Runs f(0..n-1) on up to `threads` threads (dynamic: each thread takes the next index). An
+// exception on any thread (std::bad_alloc for a huge instance) stops the others and is rethrown
+// here, after every thread has joined, so it reaches Python instead of terminating the process.
 struct Runner {
   int threads;
   template <class F>
@@ -54,8 +58,16 @@ struct Runner {
       return;
     }
     std::atomic<int64_t> next{0};
+    std::exception_ptr error;
+    std::mutex mu;
     auto work = [&]() {
-      for (int64_t i; (i = next.fetch_add(1)) < n;) f(i);
+      try {
+        for (int64_t i; (i = next.fetch_add(1)) < n;) f(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!error) error = std::current_exception();
+        next = n;
+      }
     };
     std::vector<std::thread> pool;
     int64_t extra = std::min<int64_t>(threads, n) - 1;
@@ -63,6 +75,7 @@ struct Runner {
     for (int64_t i = 0; i < extra; ++i) pool.emplace_back(work);
     work();
     for (auto& th : pool) th.join();
+    if (error) std::rethrow_exception(error);
   }
 };
 
