@@ -1,12 +1,11 @@
 """Two CPU processes (gloo) split the images unevenly and must give the metrics of one process."""
-import datetime
 import json
 import multiprocessing
 import os
 
 import numpy as np
 import pytest
-import torch.distributed as dist
+from _gloo import gloo_group
 
 NUM_IMAGES = 14
 
@@ -38,16 +37,12 @@ def _metrics(indices, distributed, out_dir):
 
 
 def _worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
+    with gloo_group(rank, init_file):
         # Uneven shards: rank 0 gets a third of the images, rank 1 the rest.
         indices = [i for i in range(NUM_IMAGES) if (i % 3 == 0) == (rank == 0)]
         res = _metrics(indices, True, os.path.join(out_dir, "reports"))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(res, f)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):

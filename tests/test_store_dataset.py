@@ -205,17 +205,11 @@ def test_trainer_resume_continues_the_data_stream(tmp_path, registered):
 
 
 def _gloo_index_worker(rank, init_file, store, out_dir):
-    import datetime
+    from _gloo import gloo_group
 
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
+    with gloo_group(rank, init_file):
         ds = StoreDataset(store, FILTERS, cache=rank == 0, collective=True)
         np.save(os.path.join(out_dir, f"index{rank}.npy"), np.asarray(ds.index))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow  # two spawned interpreters import torch and detectron2
