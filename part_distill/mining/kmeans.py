@@ -92,6 +92,17 @@ def _check_metric(metric):
         raise ValueError(f"k-means metric must be one of {METRICS}, got {metric!r}")
 
 
+def _check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"k-means backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _nonfinite_error(bad, where=""):
+    """The ValueError of nan_policy="raise" for instances ``bad`` (a [n] index tensor)."""
+    return ValueError(f"k-means features of instances {bad[:10].tolist()} contain NaN or inf "
+                      f"({bad.numel()} instances{where}); clean them or pass nan_policy='skip'")
+
+
 def _valid_mask(valid, B, N, device):
     """Accept a [B, N] bool mask, a [B] tensor/list of lengths, or None (all valid)."""
     if valid is None:
@@ -593,8 +604,7 @@ def batched_kmeans(
         raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if backend not in BACKENDS:
-        raise ValueError(f"k-means backend must be one of {BACKENDS}, got {backend!r}")
+    _check_backend(backend)
     B, N, D = features.shape
     device = features.device
     dtype = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
@@ -649,12 +659,8 @@ def batched_kmeans(
         finite = _fit_native(kernel, features, valid, w_all, given, u_first, u_trials, skipped, n_points,
                              k, t, metric, max_iter, tol, labels, centers, inertia, n_iter)
         if not bool(finite.all()):
-            bad = (~finite).nonzero().flatten()
             if nan_policy == "raise":
-                raise ValueError(
-                    f"k-means features of instances {bad[:10].tolist()} contain NaN or inf "
-                    f"({bad.numel()} instances); clean them or pass nan_policy='skip'"
-                )
+                raise _nonfinite_error((~finite).nonzero().flatten())
             skipped |= ~finite
         return KMeansResult(labels, centers, inertia, n_iter, skipped)
     elem = torch.finfo(dtype).bits // 8
@@ -683,10 +689,7 @@ def batched_kmeans(
         if not finite.all():
             bad = idx[~finite]
             if nan_policy == "raise":
-                raise ValueError(
-                    f"k-means features of instances {bad[:10].tolist()} contain NaN or inf "
-                    f"({bad.numel()} instances in this chunk); clean them or pass nan_policy='skip'"
-                )
+                raise _nonfinite_error(bad, " in this chunk")
             skipped[bad] = True
             idx, x, w, aux, v = idx[finite], x[finite], w[finite], aux[finite], v[finite]
             if idx.numel() == 0:
@@ -816,8 +819,7 @@ class BatchedKMeans:
         backend="auto",
     ):
         _check_metric(metric)
-        if backend not in BACKENDS:
-            raise ValueError(f"k-means backend must be one of {BACKENDS}, got {backend!r}")
+        _check_backend(backend)
         self.num_clusters = num_clusters
         self.metric = metric
         self.max_iter = max_iter
