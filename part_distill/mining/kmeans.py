@@ -522,7 +522,7 @@ def _fit_native(kernel, features, valid, w_all, given, u_first, u_trials, skippe
     False where a valid point had a NaN/inf feature (that instance is left unfitted).
     """
     x = features if features.dtype == torch.float32 else features.float()
-    if x.shape[2] > 0 and x.stride(2) != 1:
+    if x.stride(2) != 1:  # _pick_kernel only serves D > 0
         x = x.contiguous()
     todo = (~skipped).nonzero().flatten()
     order = todo[torch.argsort(n_points[todo], descending=True, stable=True)].contiguous()
